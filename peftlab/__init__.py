@@ -1,0 +1,26 @@
+"""peftlab: parameter-efficient fine-tuning, implemented to be read.
+
+The package behind the peftlab course (``notebooks/``): LoRA, prefix-tuning and prompt
+tuning, bottleneck adapters, training, evaluation and visualisation, for transformers 5
+models on the CPU or CUDA. Importing it loads no model and touches no network.
+"""
+
+from peftlab import data, hub, runtime
+from peftlab.data import load_e2e, load_sentiment
+from peftlab.hub import load_model
+from peftlab.runtime import get_device, quick_mode, seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "data",
+    "get_device",
+    "hub",
+    "load_e2e",
+    "load_model",
+    "load_sentiment",
+    "quick_mode",
+    "runtime",
+    "seed_everything",
+]
