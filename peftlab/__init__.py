@@ -6,14 +6,33 @@ models on the CPU or CUDA. Importing it loads no model and touches no network.
 """
 
 from peftlab import data, hub, runtime
+from peftlab.config import LoRAConfig
 from peftlab.data import load_e2e, load_sentiment
 from peftlab.hub import load_model
+from peftlab.inject import (count_parameters, delete, disabled, explain, inject, merge, set_active,
+                            unload, unmerge)
+from peftlab.io import load_adapter, save_adapter
 from peftlab.runtime import get_device, quick_mode, seed_everything
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    # methods and their configs
+    "LoRAConfig",
+    # putting adapters in, inspecting them, taking them out
+    "count_parameters",
+    "delete",
+    "disabled",
+    "explain",
+    "inject",
+    "load_adapter",
+    "merge",
+    "save_adapter",
+    "set_active",
+    "unload",
+    "unmerge",
+    # models, data, runtime
     "data",
     "get_device",
     "hub",

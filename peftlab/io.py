@@ -1,0 +1,300 @@
+"""Saving and loading LoRA adapters in HF peft's on-disk format.
+
+A LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+Models", arXiv:2106.09685) is tiny next to its base model, so only the adapter
+is written: ``adapter_config.json`` plus ``adapter_model.safetensors``.  The
+layout is the one HF peft uses, so ``peft.PeftModel.from_pretrained(base, dir)``
+reads what :func:`save_adapter` writes and :func:`load_adapter` reads what peft
+writes:
+
+* ``base_model.model.<module path>.lora_A.weight``  (r, in)
+* ``base_model.model.<module path>.lora_B.weight``  (out, r)
+* ``base_model.model.<module path>.<param>`` for each ``modules_to_save`` copy
+  (peft drops the ``modules_to_save.<name>`` part when saving)
+* ``base_model.model.<module path>.base_layer.bias`` etc. when biases are trained.
+
+Only safetensors and JSON are ever read -- never pickle (``torch.load``).
+Explained in notebooks/03_lora.ipynb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .inject import configs, inject
+from .lora import LoRALinear
+from .targets import checked_plan, find_modules, walk
+from .wrappers import ModulesToSaveWrapper
+
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # peft's prefix: PeftModel.base_model (LoraModel).model
+FORMAT_VERSION = 1
+
+# -- other methods plug in here (peftlab/prefix_io.py: prefix and prompt tuning) ----------
+_SAVERS: dict[type, Callable] = {}  # config class -> saver(model, name) -> (tensors, meta)
+_LOADERS: dict[str, Callable] = {}  # config method -> loader(model, directory, name) -> model
+_PEFT_TYPES = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+
+
+def register_io(config_cls: type, saver: Callable, loader: Callable) -> None:
+    """Let save_adapter / load_adapter handle configs of ``config_cls`` with these functions."""
+    _SAVERS[config_cls] = saver
+    _LOADERS[config_cls.method] = loader
+
+
+def _method_of(path: Path) -> str | None:
+    """The peftlab method an adapter_config.json describes, if it is not LoRA's business."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        ours = raw.get("peftlab", {}).get("config", {}).get("method") if isinstance(raw.get("peftlab"), dict) else None
+        return ours or _PEFT_TYPES.get(raw.get("peft_type"))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # the LoRA path reports the problem
+
+
+def _bias_all_names(model: nn.Module, exclude: list[str], targets: list[str]) -> list[tuple[str, str]]:
+    """(current name, name after injection) of every bias trained by bias="all"."""
+    out = []
+    for n, _ in model.named_parameters():
+        if not n.endswith("bias") or "lora_" in n or ".original_module." in n or ".modules_to_save." in n:
+            continue
+        owner = n.rsplit(".", 1)[0] if "." in n else ""
+        if any(owner == e or owner.startswith(e + ".") for e in exclude):
+            continue
+        out.append((n, f"{owner}.base_layer.bias" if owner in targets else n))
+    return out
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under peft's checkpoint keys (live tensors, not copies)."""
+    if name not in configs(model):
+        raise ValueError(f"no adapter named {name!r} in the model: injected adapters are {list(configs(model))}")
+    config = configs(model)[name]
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"adapter {name!r} is a {type(config).__name__}; only LoRA adapters can be saved so far")
+    out: dict[str, torch.Tensor] = {}
+    for path, mod in walk(model):
+        if isinstance(mod, LoRALinear) and name in mod.lora_A:
+            out[f"{PREFIX}{path}.lora_A.weight"] = mod.lora_A[name].weight
+            out[f"{PREFIX}{path}.lora_B.weight"] = mod.lora_B[name].weight
+            if config.bias == "lora_only" and mod.base_layer.bias is not None:
+                out[f"{PREFIX}{path}.base_layer.bias"] = mod.base_layer.bias
+        elif isinstance(mod, ModulesToSaveWrapper) and name in mod.modules_to_save:
+            for k, v in mod.modules_to_save[name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{k}"] = v
+    if config.bias == "all":
+        params = dict(model.named_parameters())
+        for n, _ in _bias_all_names(model, [], []):
+            out[PREFIX + n] = params[n]
+    return out
+
+
+def _task_type(model: nn.Module, config: LoRAConfig) -> str | None:
+    cls = type(model).__name__
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    # peft adds "classifier"/"score" to modules_to_save for SEQ_CLS and then expects their tensors,
+    # so only claim SEQ_CLS when the head is really saved
+    if cls.endswith("ForSequenceClassification") and {"classifier", "score"} & set(config.modules_to_save):
+        return "SEQ_CLS"
+    return None
+
+
+def _peft_config(model: nn.Module, config: LoRAConfig, name: str) -> dict:
+    lora_layers = [(p, m) for p, m in walk(model) if isinstance(m, LoRALinear) and name in m.lora_A]
+    targets = config.target_modules
+    if targets == "all-linear":  # peft's "all-linear" excludes slightly different heads: be explicit
+        targets = [p for p, _ in lora_layers]
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(model, config),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets if isinstance(targets, str) else list(targets),
+        "modules_to_save": list(config.modules_to_save) or None,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in lora_layers),
+        "init_lora_weights": True if config.init == "kaiming" else config.init,
+        "inference_mode": True,
+        "peftlab": {"format_version": FORMAT_VERSION, "adapter_name": name, "config": config.to_dict()},
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` to ``directory`` atomically and return the directory path.
+
+    The files are written to a temporary sibling directory first; an existing
+    ``directory`` is replaced only once the new one is complete.
+    """
+    saver = _SAVERS.get(type(configs(model).get(name)))
+    if saver is not None:  # prefix / prompt tuning build their own files
+        tensors, meta = saver(model, name)
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
+        meta = _peft_config(model, configs(model)[name], name)
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory: choose a directory path for the adapter")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)  # put the previous adapter back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _read_config(path: Path) -> tuple[LoRAConfig, bool]:
+    """Parse adapter_config.json -> (config, written_by_peftlab)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): the adapter directory is corrupt, save it again") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}: save the adapter again")
+    if isinstance(raw.get("peftlab"), dict) and "config" in raw["peftlab"]:
+        return LoRAConfig.from_dict(raw["peftlab"]["config"]), True
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}, but only 'LORA' adapters can be loaded here")
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "lora_bias",
+                               "trainable_token_indices", "target_parameters") if raw.get(k)]
+    if unsupported:
+        raise ValueError(f"{path} uses peft features peftlab does not implement: {unsupported}")
+    init = raw.get("init_lora_weights", True)
+    targets = raw.get("target_modules")
+    config = LoRAConfig(
+        r=raw.get("r", 8),
+        alpha=raw.get("lora_alpha", 8),
+        dropout=raw.get("lora_dropout", 0.0),
+        target_modules=targets if isinstance(targets, str) else tuple(sorted(targets or ())),
+        modules_to_save=tuple(raw.get("modules_to_save") or ()),
+        bias=raw.get("bias", "none"),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        init="gaussian" if init == "gaussian" else "kaiming",
+    )
+    return config, False
+
+
+def _expected(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Checkpoint keys the adapter must provide and optional (bias) keys, each with its shape."""
+    plan = checked_plan(model, config, name)
+    required: dict[str, tuple] = {}
+    optional: dict[str, tuple] = {}
+    for path, mod, _ in plan.targets:
+        base = mod.base_layer if isinstance(mod, LoRALinear) else mod
+        w = base.weight  # nn.Linear: (out, in); Conv1D: (in, out)
+        fan_in, fan_out = (w.shape[1], w.shape[0]) if isinstance(base, nn.Linear) else (w.shape[0], w.shape[1])
+        required[f"{PREFIX}{path}.lora_A.weight"] = (config.r, fan_in)
+        required[f"{PREFIX}{path}.lora_B.weight"] = (fan_out, config.r)
+        if config.bias == "lora_only" and base.bias is not None:
+            optional[f"{PREFIX}{path}.base_layer.bias"] = tuple(base.bias.shape)
+    for path, mod in plan.saves:
+        src = mod.original_module if isinstance(mod, ModulesToSaveWrapper) else mod
+        required.update({f"{PREFIX}{path}.{k}": tuple(v.shape) for k, v in src.state_dict().items()})
+    if config.bias == "all":
+        params = dict(model.named_parameters())
+        saves = [p for p, _ in plan.saves]
+        for now, later in _bias_all_names(model, saves, [p for p, _, _ in plan.targets]):
+            optional[PREFIX + later] = tuple(params[now].shape)
+    return required, optional
+
+
+def _fmt(items: list[str], limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Inject adapter ``name`` from a peftlab- or peft-written directory and load its tensors.
+
+    Everything (files, config, keys, shapes) is checked before the model is
+    changed; on any error the model is left exactly as it was.  Returns ``model``.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"adapter directory {d} does not exist: pass the folder save_adapter() wrote")
+    if not (d / WEIGHTS_NAME).is_file():
+        if (d / "adapter_model.bin").exists():
+            raise ValueError(
+                f"{d} holds adapter_model.bin, a pickle file, which peftlab refuses to load (pickle can run code): "
+                "re-save it as safetensors, e.g. PeftModel.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"{d / WEIGHTS_NAME} is missing: the adapter directory is incomplete")
+    if not (d / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{d / CONFIG_NAME} is missing: the adapter directory is incomplete")
+    loader = _LOADERS.get(_method_of(d / CONFIG_NAME))
+    if loader is not None:  # prefix / prompt tuning read their own files
+        return loader(model, d, name)
+    config, ours = _read_config(d / CONFIG_NAME)
+    if not ours and config.modules_to_save:  # peft lists heads (e.g. "score") that may not exist in this model
+        present = tuple(k for k in config.modules_to_save if k not in find_modules(model, config).unmatched_saves)
+        config = dataclasses.replace(config, modules_to_save=present)
+    try:
+        tensors = load_file(str(d / WEIGHTS_NAME), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"{d / WEIGHTS_NAME} cannot be read ({exc}): the file is corrupt, save the adapter again"
+        ) from exc
+    if name in configs(model):
+        raise ValueError(f"an adapter named {name!r} is already injected: load under another name or delete it first")
+    try:
+        required, optional = _expected(model, config, name)
+    except ValueError as exc:
+        raise ValueError(f"adapter in {d} does not fit this {type(model).__name__} (wrong base model?): {exc}") from exc
+    if config.bias == "all":  # peft also writes the bias of the frozen original / copy under wrapper paths;
+        # the copy's bias is already present as "<path>.bias", so these duplicates are dropped
+        tensors = {k: v for k, v in tensors.items()
+                   if not (k.endswith("bias") and (".original_module." in k or ".modules_to_save." in k))}
+    missing = [k for k in required if k not in tensors]
+    unexpected = [k for k in tensors if k not in required and k not in optional]
+    shapes = {**required, **optional}
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {shapes[k]}" for k, v in tensors.items()
+             if k in shapes and tuple(v.shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        parts = [f"shape mismatch: {_fmt(wrong)}" if wrong else "", f"missing keys: {_fmt(missing)}" if missing else "",
+                 f"unexpected keys: {_fmt(unexpected)}" if unexpected else ""]
+        raise ValueError(
+            f"adapter in {d} does not fit this {type(model).__name__} -- " + " | ".join(p for p in parts if p)
+            + ": load it onto the base model it was trained on"
+        )
+    inject(model, config, name)
+    live = adapter_state_dict(model, name)
+    with torch.no_grad():
+        for k, v in tensors.items():
+            live[k].copy_(v)
+    return model

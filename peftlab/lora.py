@@ -1,0 +1,200 @@
+"""The LoRA layer: a frozen linear map plus trainable low-rank updates.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"
+(arXiv:2106.09685).  A frozen weight W (out x in) is adapted as
+
+    h = x W^T + b + s * dropout(x) A^T B^T,     s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+with A (r x in) initialised like ``nn.Linear`` (Kaiming-uniform, a = sqrt(5)) and
+B (out x r) initialised to zero, so the adapted model starts out identical to the
+base model.  Explained in notebooks/03_lora.ipynb.
+
+Adapters are kept per name in ``nn.ModuleDict``s (``lora_A[name]``,
+``lora_B[name]``, bias-free ``nn.Linear``s), which gives state-dict keys of the
+form ``<path>.lora_A.<name>.weight`` -- the same layout HF peft uses, so
+checkpoints convert by dropping the adapter name.  Every LoRA parameter name
+contains ``lora_``; freezing and saving key off that prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style layer storing its weight transposed, (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency in practice
+    Conv1D = None  # type: ignore[assignment,misc]
+
+__all__ = ["LoRALinear", "SUPPORTED_TYPES", "is_supported"]
+
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def is_supported(module: nn.Module) -> bool:
+    """True if :class:`LoRALinear` can wrap ``module`` (``nn.Linear`` or GPT-2 ``Conv1D``)."""
+    return isinstance(module, SUPPORTED_TYPES)
+
+
+class LoRALinear(nn.Module):
+    """Wrap an ``nn.Linear`` or GPT-2 ``Conv1D`` with any number of named LoRA adapters.
+
+    Input ``x``: (..., in_features); output: (..., out_features), same as the base layer.
+
+    Attributes:
+        base_layer: the wrapped (frozen) layer, unchanged.
+        lora_A / lora_B / lora_dropout: ``nn.ModuleDict`` keyed by adapter name.
+        scaling: adapter name -> float multiplier of its branch.
+        active: names whose branch is added in ``forward``.
+        merged: names currently folded into ``base_layer.weight``.
+        disabled: if True, ``forward`` returns the base output only.
+
+    Merging is explicit only (``merge`` / ``unmerge``; ``train()``/``eval()``
+    never merge).  Merging an adapter that is already merged raises
+    ``RuntimeError`` -- it would otherwise silently add the update twice.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not is_supported(base_layer):
+            names = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+            raise TypeError(f"LoRALinear cannot wrap {type(base_layer).__name__}; supported types: {names}")
+        self.base_layer = base_layer
+        # Conv1D keeps weight as (in, out) and computes x @ W; nn.Linear keeps (out, in), x @ W^T
+        self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        # nn.Linear weight: (out, in); Conv1D weight: (in, out)
+        self.in_features, self.out_features = tuple(w.shape) if self.fan_in_fan_out else tuple(w.shape)[::-1]
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.ranks: dict[str, int] = {}
+        self.active: set[str] = set()
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # -- adapter management -------------------------------------------------------
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        """Create adapter ``name``: A (r, in) random, B (out, r) zero.  Does not activate it."""
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists in this layer: pick another name or delete it first")
+        w = self.base_layer.weight
+        # low-precision bases keep their adapters in float32 (as HF peft does by default)
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)  # weight (r, in)
+        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)  # weight (out, r)
+        with torch.no_grad():
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # same law nn.Linear uses
+            elif init == "gaussian":
+                nn.init.normal_(a.weight, std=1.0 / r)
+            else:
+                raise ValueError(f"unknown LoRA init {init!r}: use 'kaiming' or 'gaussian'")
+            nn.init.zeros_(b.weight)  # B = 0 => the adapted layer starts equal to the base layer
+        self.lora_A[name] = a
+        self.lora_B[name] = b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.ranks[name] = r
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged)."""
+        if name in self.merged:
+            raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge() before deleting it")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        self.scaling.pop(name)
+        self.ranks.pop(name)
+        self.active.discard(name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # -- merging ------------------------------------------------------------------
+    def _merge_dtype(self) -> torch.dtype:
+        # at least float32 (fp16/bf16 are upcast), float64 stays float64
+        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The update s * B @ A in (at least) float32, laid out like ``base_layer.weight``.
+
+        Returns (out, in) for ``nn.Linear`` and (in, out) for ``Conv1D``.
+        """
+        dt = self._merge_dtype()
+        a = self.lora_A[name].weight.to(dt)  # (r, in)
+        b = self.lora_B[name].weight.to(dt)  # (out, r)
+        delta = (b @ a) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta  # Conv1D: (in, out)
+
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.copy_((w.to(delta.dtype) + delta).to(w.dtype))  # add in float32 (or wider), cast back once
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold the given (default: all active) adapters into ``base_layer.weight``."""
+        names = sorted(self.active) if names is None else list(names)
+        for n in names:
+            if n not in self.lora_A:
+                raise ValueError(f"no adapter named {n!r} in this layer (has {self.adapter_names})")
+            if n in self.merged:
+                raise RuntimeError(f"adapter {n!r} is already merged: call unmerge() before merging again")
+        for n in names:
+            self._add_to_weight(self.delta_weight(n))
+            self.merged.append(n)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from ``base_layer.weight`` (reverse order)."""
+        if not self.merged:
+            raise RuntimeError("nothing to unmerge: no adapter is merged into this layer")
+        while self.merged:
+            n = self.merged.pop()
+            self._add_to_weight(-self.delta_weight(n))
+
+    # -- forward ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out) = base(x) + sum over active, unmerged adapters of s * B(A(dropout(x)))."""
+        if self.disabled and self.merged:
+            raise RuntimeError(f"adapters {self.merged} are merged, so they cannot be disabled: call unmerge() first")
+        result = self.base_layer(x)  # (..., out)
+        if self.disabled or not self.active:
+            return result
+        for name in sorted(self.active) if len(self.active) > 1 else self.active:
+            if name in self.merged:
+                continue
+            a_w = self.lora_A[name].weight  # (r, in)
+            b_w = self.lora_B[name].weight  # (out, r)
+            h = x if x.dtype == a_w.dtype else x.to(a_w.dtype)  # low-precision base, fp32 adapter
+            drop = self.lora_dropout[name]
+            if not isinstance(drop, nn.Identity):
+                h = drop(h)
+            xa = F.linear(h, a_w)  # (..., in) -> (..., r)
+            if result.dtype == b_w.dtype or torch.is_autocast_enabled(x.device.type):
+                # one fused kernel for "result + s * xa @ B^T" instead of matmul, scale and add
+                flat = torch.addmm(
+                    result.reshape(-1, self.out_features),  # (N, out), N = prod of leading dims
+                    xa.reshape(-1, xa.shape[-1]),  # (N, r)
+                    b_w.T,  # (r, out)
+                    alpha=self.scaling[name],
+                )
+                result = flat.view(result.shape).to(result.dtype)  # (N, out) -> (..., out)
+            else:  # e.g. fp16 base with fp32 adapter outside autocast
+                result = result + (F.linear(xa, b_w) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.lora_A)
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], merged={self.merged}"
