@@ -2,25 +2,33 @@
 
 The package behind the peftlab course (``notebooks/``): LoRA, prefix-tuning and prompt
 tuning, bottleneck adapters, training, evaluation and visualisation, for transformers 5
-models on the CPU or CUDA. Importing it loads no model and touches no network.
+models on the CPU or CUDA. Importing it loads no model and touches no network; the
+heavier helpers (``peftlab.viz``, ``peftlab.search``, ``peftlab.metrics``) are imported on use.
 """
 
 from peftlab import data, hub, runtime
-from peftlab.config import LoRAConfig
+
+# Importing a method module registers it with ``inject`` (see ``peftlab.inject.register_method``).
+from peftlab import adapters, prefix, prompt  # noqa: F401  (registration)
+from peftlab.config import AdapterConfig, LoRAConfig, PrefixConfig, PromptTuningConfig
 from peftlab.data import load_e2e, load_sentiment
 from peftlab.hub import load_model
 from peftlab.inject import (count_parameters, delete, disabled, explain, inject, merge, set_active,
                             unload, unmerge)
 from peftlab.io import load_adapter, save_adapter
 from peftlab.runtime import get_device, quick_mode, seed_everything
+from peftlab.train import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     # methods and their configs
+    "AdapterConfig",
     "LoRAConfig",
-    # putting adapters in, inspecting them, taking them out
+    "PrefixConfig",
+    "PromptTuningConfig",
+    # putting adapters in, inspecting them, switching them, taking them out
     "count_parameters",
     "delete",
     "disabled",
@@ -32,6 +40,9 @@ __all__ = [
     "set_active",
     "unload",
     "unmerge",
+    # training
+    "TrainConfig",
+    "train",
     # models, data, runtime
     "data",
     "get_device",

@@ -1,0 +1,151 @@
+"""Prompt tuning: m learned vectors prepended to the input embeddings.
+
+Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"
+(arXiv:2104.08691). The model reads [P ; E(x)] instead of E(x), with P an (m, d)
+trainable matrix and everything else frozen: m * d parameters, against prefix-tuning's
+2 * L * m * d_kv (Li & Liang 2021, ``peftlab/prefix.py``), which acts inside every layer.
+
+The model returned by ``inject`` is the same object: a forward pre-hook turns
+``input_ids`` (B, T) into ``inputs_embeds`` (B, m + T, d), prepends m ones to the
+attention mask, -100 to token-level labels, zeros to ``token_type_ids`` and shifts
+given ``position_ids`` by m. During cached generation the prompt is added once (the
+cache then holds it) and later steps only get the mask and positions extended, so
+``generate()`` works, greedy or sampling, batched with left padding. Causal-LM logits
+come back with m extra leading positions. Explained in notebooks/04_prefix_tuning.ipynb.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from .config import PromptTuningConfig
+from .inject import MethodHooks, register_method
+from .prefix import (adapter_dtype, add_saves, delete_saves, mark_saves, position_limit, refuse_unload,
+                     text_ids, _find_saves)
+
+__all__ = ["PromptEncoder"]
+
+CONTAINER = "prompt_tuning"  # model.prompt_tuning[name] -> PromptEncoder; its parameter is prompt_embedding
+_HOOK = "peftlab_prompt_hook"
+
+
+class PromptEncoder(nn.Module):
+    """The (m, d) prompt of one adapter. Explained in notebooks/04_prefix_tuning.ipynb."""
+
+    def __init__(self, num_virtual_tokens: int, hidden_size: int, std: float = 1.0, *, device=None, dtype=None):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+        self.prompt_embedding = nn.Parameter(torch.randn(num_virtual_tokens, hidden_size, device=device,
+                                                         dtype=dtype) * std)  # (m, d)
+
+    def forward(self, batch: int) -> torch.Tensor:
+        """The prompt for a batch: (batch, m, d)."""
+        return self.prompt_embedding.unsqueeze(0).expand(batch, -1, -1)  # (B, m, d)
+
+
+def _active_prompt(model: nn.Module) -> PromptEncoder | None:
+    name = model.__dict__.get("peftlab_active")
+    bank = model._modules.get(CONTAINER)
+    if name is None or model.__dict__.get("peftlab_disabled") or bank is None or name not in bank:
+        return None
+    return bank[name]
+
+
+def _past_length(kw: dict) -> int:
+    cache = kw.get("cache", kw.get("past_key_values"))
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length())
+
+
+def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
+    """Rewrite the forward's inputs to carry the active prompt (see the module docstring)."""
+    enc = _active_prompt(model)
+    if enc is None:
+        return None
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    kw = {**dict(zip(names, args)), **kwargs}
+    m, past = enc.num_virtual_tokens, _past_length(kw)
+    ids, embeds = kw.pop("input_ids", None), kw.get("inputs_embeds")
+    ref = embeds if embeds is not None else ids
+    if ref is None:
+        raise ValueError("prompt tuning needs input_ids or inputs_embeds")
+    batch, length = ref.shape[0], ref.shape[1]
+    limit = position_limit(model)
+    if limit and m + past + (length if past == 0 else 0) > limit:
+        raise ValueError(f"{m} prompt vectors + {length} tokens exceed the model's limit of {limit} positions: "
+                         "shorten the input (truncate to limit - num_virtual_tokens) or the prompt")
+    mask = kw.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(f"prompt tuning needs a 2-D (batch, tokens) attention mask, got {mask.dim()}-D")
+    if mask is not None:
+        kw["attention_mask"] = torch.cat([mask.new_ones(batch, m), mask], dim=1)  # (B, m + past + T)
+    if past:  # a later generation step: the cache already holds the prompt
+        if ids is not None:
+            kw["input_ids"] = ids
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"] + m
+        return (), kw
+    if embeds is None:
+        embeds = model.get_input_embeddings()(ids)  # (B, T, d)
+    kw["inputs_embeds"] = torch.cat([enc(batch).to(embeds.dtype), embeds], dim=1)  # (B, m + T, d)
+    labels = kw.get("labels")
+    if labels is not None and labels.dim() == 2 and labels.shape[1] == length:  # token-level labels
+        kw["labels"] = torch.cat([labels.new_full((batch, m), -100), labels], dim=1)  # (B, m + T)
+    if kw.get("token_type_ids") is not None:
+        kw["token_type_ids"] = torch.cat([kw["token_type_ids"].new_zeros(batch, m), kw["token_type_ids"]], 1)
+    if kw.get("position_ids") is not None:
+        pos = kw["position_ids"]
+        head = torch.arange(m, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], m)  # (B, m)
+        kw["position_ids"] = torch.cat([head, pos + m], dim=-1)  # (B, m + T)
+    return (), kw
+
+
+def _inject_prompt(model: nn.Module, config: PromptTuningConfig, name: str) -> None:
+    m = config.num_virtual_tokens
+    limit = position_limit(model)
+    if limit and m >= limit:
+        raise ValueError(f"PromptTuningConfig.num_virtual_tokens={m} reaches the model's limit of {limit} "
+                         "positions, leaving no room for the input: use a much shorter prompt (e.g. 16)")
+    emb = model.get_input_embeddings()
+    if emb is None or not hasattr(emb, "weight"):
+        raise TypeError(f"{type(model).__name__} has no input embedding matrix: prompt tuning needs one")
+    plan = _find_saves(model, config.modules_to_save)
+    device, dtype = adapter_dtype(model)
+    std = float(emb.weight.detach().float().std())  # random prompts on the scale of real embeddings
+    enc = PromptEncoder(m, emb.weight.shape[1], std, device=device, dtype=dtype)
+    if config.init != "random":
+        with torch.no_grad():
+            enc.prompt_embedding.copy_(emb(text_ids(model, config, m).to(device)))  # (m, d)
+    add_saves(model, config.modules_to_save, name, plan)
+    if CONTAINER not in model._modules:
+        model.add_module(CONTAINER, nn.ModuleDict())
+        model.__dict__[_HOOK] = model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True)
+    model._modules[CONTAINER][name] = enc
+
+
+def _mark_prompt_trainable(model: nn.Module, config: PromptTuningConfig, name: str) -> None:
+    model._modules[CONTAINER][name].requires_grad_(True)
+    mark_saves(model, name)
+
+
+def _delete_prompt(model: nn.Module, name: str) -> None:
+    bank = model._modules[CONTAINER]
+    del bank[name]
+    delete_saves(model, name)
+    if not len(bank):
+        del model._modules[CONTAINER]
+        model.__dict__.pop(_HOOK).remove()
+
+
+def _merge_prompt(model: nn.Module, name: str) -> None:
+    raise RuntimeError(f"adapter {name!r} is prompt tuning: its prompt is already the flat tensor that gets "
+                       "saved, so there is nothing to merge")
+
+
+register_method(PromptTuningConfig, MethodHooks(_inject_prompt, _mark_prompt_trainable, _delete_prompt,
+                                                merge=_merge_prompt, unload=refuse_unload))
