@@ -33,7 +33,7 @@ lab: setup
 	$(BIN)/jupyter lab $(ROOT_FLAG) --notebook-dir=notebooks
 
 test: setup
-	PEFTLAB_QUICK=1 PEFTLAB_EXPECT_QUICK=1 $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -q $(PYTEST_ARGS)
+	PEFTLAB_QUICK=1 PEFTLAB_EXPECT_QUICK=1 $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with .ci/nbval-sanitize.cfg -q $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest tests -q -m "not slow and not browser" $(PYTEST_ARGS)

@@ -277,9 +277,14 @@ def peak_rss_bytes() -> int:
 
 
 def current_rss_bytes() -> int:
-    """This process's resident memory now."""
-    import psutil
+    """This process's resident memory now (psutil, else ``/proc/self/statm``)."""
+    try:
+        import psutil
+    except ModuleNotFoundError:
+        import os
 
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return int(psutil.Process().memory_info().rss)
 
 
