@@ -1,5 +1,8 @@
 """Benchmarks: ``python -m peftlab.bench lora [--device cuda] [--bf16] [--json PATH]``.
 
+``python -m peftlab.bench speed [--rounds 2] [--json PATH]`` times the training loop against
+HF Trainer + peft (``peftlab.speedbench``).
+
 The LoRA benchmark (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
 Models") measures, in one run on MiniLM sequence classification (r=8 on
 query/value, batch 16 x seq 64 of random token ids):
@@ -319,7 +322,9 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftlab.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("which", choices=["lora", "_mem"], help="benchmark to run")
+    parser.add_argument("which", choices=["lora", "speed", "_mem"], help="benchmark to run")
+    parser.add_argument("--rounds", type=int, default=1, help="speed: rounds of the A B / B A order")
+    parser.add_argument("--quick", action="store_true", help="speed: a small subset (a smoke test)")
     parser.add_argument("kind", nargs="?", default="lora", help=argparse.SUPPRESS)  # for the _mem child
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (meant for CUDA)")
@@ -331,6 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.which == "_mem":
         print(json.dumps(_memory_child(args.kind, args.batch, args.seq, 3, args.random_init)))
+        return 0
+    if args.which == "speed":
+        from .speedbench import bench_speed, format_speed
+
+        if args.rounds < 1:
+            parser.error(f"--rounds must be >= 1, got {args.rounds}")
+        result = bench_speed(quick=args.quick, rounds=args.rounds)
+        print(format_speed(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch.cuda.is_available() is False")

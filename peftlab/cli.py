@@ -84,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a ~3-minute smoke run of the table")
     b.add_argument("--device", default="cpu")
     b.add_argument("--bf16", action="store_true")
-    b.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps per method")
-    b.add_argument("--threads", type=_positive_int, default=1, help="CPU threads per method (default 1)")
+    b.add_argument("--steps", type=_positive_int, default=None,
+                   help="cut every run short at this many optimizer steps (default: one full epoch)")
+    b.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    b.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads per process (default: one per physical core)")
     b.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}")
     b.add_argument("--output", default=None, help="folder for benchmark.md/.json (default data/results)")
     return parser
@@ -144,7 +147,12 @@ def _bench(args, parser, argv) -> int:
 
     kw = {"device": args.device, "bf16": args.bf16, "threads": args.threads}
     if args.steps:
-        kw["steps"] = args.steps
+        kw["max_steps"] = args.steps
+    if args.seeds:
+        try:
+            kw["seeds"] = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated integers such as 0,1,2, got {args.seeds!r}")
     settings = BenchSettings.quick(**kw) if args.quick else BenchSettings(**kw)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
     bad = [m for m in methods or () if m not in METHODS]

@@ -89,12 +89,18 @@ class _Pad:
         self.pad_token_id = pad_token_id
 
 
-def as_loader(data, batch_size: int, *, shuffle: bool = False, generator=None,
-              pad_token_id: int = 0):
-    """A DataLoader over ``data``: returned as is if it is one, else a tokenised dataset."""
+def as_loader(data, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+              pad_token_id: int = 0, group_by_length: bool = True):
+    """A DataLoader over ``data``: returned as is if it is one, else a tokenised dataset.
+
+    Tokenised datasets are batched by length (``peftlab.data.LengthGroupedBatches``):
+    shuffled groups for training, longest-first for evaluation. The loader carries its own
+    seeded generator, so iterating it never draws from torch's global random state (an
+    evaluation in the middle of training leaves the training run's dropout masks as they were).
+    """
     from torch.utils.data import DataLoader
 
-    from peftlab.data import PadCollator
+    from peftlab.data import LengthGroupedBatches, PadCollator, sequence_lengths
 
     if isinstance(data, DataLoader):
         return data
@@ -109,8 +115,13 @@ def as_loader(data, batch_size: int, *, shuffle: bool = False, generator=None,
                     "peftlab.data.tokenize_classification(ds, tokenizer)" if "text" in cols else "")
             raise KeyError(f"the dataset lacks column(s) {missing}; it has {cols}{hint}")
         data = data.with_format("python")
+    generator = torch.Generator().manual_seed(seed)
+    collate = PadCollator(_Pad(pad_token_id))
+    if group_by_length and cols is not None:
+        batches = LengthGroupedBatches(sequence_lengths(data), batch_size, shuffle=shuffle, seed=seed)
+        return DataLoader(data, batch_sampler=batches, generator=generator, collate_fn=collate)
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=PadCollator(_Pad(pad_token_id)))
+                      collate_fn=collate)
 
 
 def _device_of(model) -> torch.device:
@@ -121,8 +132,8 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
-def evaluate(model, data, batch_size: int = 32, *, autocast_dtype=None,
+@torch.inference_mode()
+def evaluate(model, data, batch_size: int = 128, *, autocast_dtype=None,
              pad_token_id: int | None = None) -> dict[str, float]:
     """Loss and metrics of ``model`` on ``data`` (tokenised dataset or DataLoader).
 
@@ -163,7 +174,7 @@ def evaluate(model, data, batch_size: int = 32, *, autocast_dtype=None,
     return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens)}
 
 
-def evaluate_classifier(model, data, batch_size: int = 32, **kwargs) -> dict[str, float]:
+def evaluate_classifier(model, data, batch_size: int = 128, **kwargs) -> dict[str, float]:
     """``evaluate`` for a sequence classifier: loss, accuracy, F1, ROC-AUC."""
     out = evaluate(model, data, batch_size, **kwargs)
     if "accuracy" not in out:

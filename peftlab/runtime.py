@@ -59,6 +59,32 @@ def get_device(prefer: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (hyper-threads do not count)."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except ModuleNotFoundError:
+        cores = None
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or available or 1, available or 1))
+
+
+def use_physical_cores() -> int:
+    """Let torch's CPU kernels use one thread per physical core; return the thread count.
+
+    Extra threads on hyper-threads (or on cores the process may not use) make matrix
+    products slower, not faster. ``PEFTLAB_THREADS`` overrides the choice; a count set
+    earlier with ``torch.set_num_threads`` below the core count is kept.
+    """
+    wanted = os.environ.get("PEFTLAB_THREADS")
+    n = int(wanted) if wanted else physical_cores()
+    if wanted or torch.get_num_threads() > n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def quick_mode() -> bool:
     """True when ``PEFTLAB_QUICK`` asks for the shrunken CI run of the notebooks.
 

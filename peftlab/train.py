@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from peftlab import checkpoint as ckpt
+from peftlab import runtime
 from peftlab.metrics import PeakMemory, as_loader, evaluate
 
 __all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "param_groups", "warmup_steps"]
@@ -57,7 +58,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "fp32"  # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA only, with GradScaler)
     eval_every: int | None = None  # evaluate every N steps; None: after each epoch
-    eval_batch_size: int = 64  # batch size of evaluation
+    eval_batch_size: int = 128  # batch size of evaluation (no gradients: big batches are cheap)
+    group_by_length: bool = True  # batch similar lengths together (peftlab.data.LengthGroupedBatches)
     metric: str = "accuracy"  # eval metric that picks the best step ("loss" for LMs)
     checkpoint_every: int | None = None  # save a checkpoint every N steps (needs output_dir)
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
@@ -186,14 +188,15 @@ def _launched_distributed() -> bool:
 
 
 def _make_loader(data, config: TrainConfig, pad_id: int, *, shuffle: bool):
-    generator = torch.Generator().manual_seed(config.seed)
-    return as_loader(data, config.batch_size, shuffle=shuffle, generator=generator, pad_token_id=pad_id)
+    return as_loader(data, config.batch_size, shuffle=shuffle, seed=config.seed, pad_token_id=pad_id,
+                     group_by_length=config.group_by_length)
 
 
 def _seed_epoch(loader, seed: int, epoch: int) -> None:
     """Same data order for an epoch whether the run is fresh or resumed."""
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
+    for owner in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
     gen = getattr(loader, "generator", None)
     if isinstance(gen, torch.Generator):
         gen.manual_seed(seed + epoch)
@@ -220,6 +223,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
         raise ValueError("train_data yields no batches: pass at least one example")
     if eval_data is not None:
         eval_data = as_loader(eval_data, config.eval_batch_size, pad_token_id=pad_id)
+    runtime.use_physical_cores()
 
     use_acc = config.use_accelerate if config.use_accelerate is not None else _launched_distributed()
     accelerator = None
@@ -276,8 +280,13 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
         writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"))
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, desc="train", disable=not (config.progress and main),
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (config.progress and main),
                dynamic_ncols=True)
+    shown: dict[str, str] = {}  # what the bar prints after the rate: latest loss, latest eval
+
+    def show(key: str, text: str) -> None:
+        shown[key] = text
+        bar.set_postfix_str(" | ".join(shown.values()), refresh=False)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     step_times: list[float] = []
 
@@ -298,7 +307,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
         if writer is not None:
             for k, v in scores.items():
                 writer.add_scalar(f"eval/{k}", v, step)
-        bar.set_postfix_str(f"{name} {value:.4f}")
+        show("eval", f"eval {name} {value:.4f}")
         if on_evaluate is not None:
             on_evaluate(result.evals[-1])
 
@@ -375,7 +384,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
                     for k in ("loss", "lr", "grad_norm"):
                         writer.add_scalar(f"train/{k}", row[k], step)
                 if step % config.log_every == 0:
-                    bar.set_postfix_str(f"loss {row['loss']:.4f}")
+                    show("loss", f"loss {row['loss']:.4f}")
                 end_of_epoch = b + 1 == n_batches
                 if (config.eval_every and step % config.eval_every == 0) or (
                         end_of_epoch and not config.eval_every):

@@ -95,3 +95,51 @@ def test_e2e_labels_mask_the_prompt(smollm2):
     assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tok.eos_token_id
     batch = data.PadCollator(tok)(list(enc))
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+# --- batching by length -------------------------------------------------------------------
+
+def _padding_share(batches, lengths):
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - real / padded
+
+
+def test_length_grouped_batches_cover_every_row_once_and_follow_the_seed():
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 65, (1003,), generator=rng).tolist()
+    sampler = data.LengthGroupedBatches(lengths, 32, seed=5, group=4)
+    first = sampler.batches()
+    assert len(first) == len(sampler) == 32  # ceil(1003 / 32)
+    assert sorted(i for b in first for i in b) == list(range(1003))
+    assert all(len(b) <= 32 for b in first)
+    assert first == data.LengthGroupedBatches(lengths, 32, seed=5, group=4).batches()  # seeded
+    sampler.set_epoch(1)
+    assert sampler.batches() != first  # a new order every epoch
+    sampler.set_epoch(0)
+    assert sampler.batches() == first  # ... reproducible per epoch (resume)
+    assert data.LengthGroupedBatches(lengths, 32, seed=6, group=4).batches() != first
+
+
+def test_length_grouping_removes_most_padding():
+    rng = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 65, (3200,), generator=rng).tolist()
+    grouped = data.LengthGroupedBatches(lengths, 32, seed=0).batches()
+    perm = torch.randperm(3200, generator=rng).tolist()
+    random_batches = [perm[i:i + 32] for i in range(0, 3200, 32)]
+    # uniform lengths 3..64: a random batch of 32 is about 47 % padding
+    assert _padding_share(random_batches, lengths) > 0.4
+    assert _padding_share(grouped, lengths) < 0.05
+
+
+def test_evaluation_order_is_longest_first_and_fixed():
+    lengths = [5, 9, 2, 9, 7]
+    batches = data.LengthGroupedBatches(lengths, 2, shuffle=False).batches()
+    assert batches == [[1, 3], [4, 0], [2]]
+
+
+def test_length_grouped_batches_reject_bad_input():
+    with pytest.raises(ValueError, match="batch_size"):
+        data.LengthGroupedBatches([3, 4], 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        data.LengthGroupedBatches([], 4)

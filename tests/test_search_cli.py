@@ -117,10 +117,17 @@ def test_cli_train_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_bench_smoke_on_a_tiny_budget(tmp_path):
-    settings = BenchSettings.quick(steps=2, train_size=32, test_size=32, latency_repeats=2)
+    settings = BenchSettings.quick(max_steps=2, train_size=32, test_size=32, latency_repeats=2,
+                                   seeds=(0, 1), timing_rounds=2)
     data = run_bench(settings, ("full", "lora", "houlsby"), tmp_path, log=lambda *a: None)
     rows = {r["method"]: r for r in data["rows"]}
     assert rows["full"]["step_ratio"] == 1.0 and rows["full"]["percent"] == 100.0
+    lora = rows["lora"]  # mean and sample std over the two seeds' runs
+    accs = [run["accuracy"] for run in lora["runs"]]
+    assert [run["seed"] for run in lora["runs"]] == [0, 1]
+    assert lora["accuracy"] == pytest.approx(sum(accs) / 2)
+    assert lora["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    assert data["timing"]["lora"]["rounds"] == 2 and lora["step_seconds"] > 0
     assert rows["lora"]["percent"] < 1.0 and rows["lora"]["stored_bytes"] < rows["full"]["stored_bytes"]
     md = (tmp_path / "benchmark.md").read_text()
     assert "peftlab LoRA" in md and json.loads((tmp_path / "benchmark.json").read_text())["rows"]

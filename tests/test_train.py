@@ -91,7 +91,9 @@ def test_weight_decay_groups_skip_biases_and_norms():
 
 def test_accumulation_equals_big_batch():
     data = toy_classification(16)
-    cfg = dict(lr=1e-3, max_steps=2, warmup=0, weight_decay=0.0, max_grad_norm=None)
+    # plain shuffling: one batch of 8 then holds exactly the rows of two batches of 4
+    # (length grouping forms its groups from the batch size, so the rows would differ)
+    cfg = dict(lr=1e-3, max_steps=2, warmup=0, weight_decay=0.0, max_grad_norm=None, group_by_length=False)
     big, small = tiny_bert(), tiny_bert()
     r_big = train(big, data, None, quiet(batch_size=8, grad_accum=1, **cfg))
     r_small = train(small, data, None, quiet(batch_size=4, grad_accum=2, **cfg))
@@ -200,3 +202,27 @@ def test_checkpoint_of_another_model_is_refused_clearly(tmp_path):
     assert all(torch.equal(before[n], p) for n, p in trainable(other).items())
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(other, data, None, cfg, resume_from=tmp_path / "nowhere")
+
+
+def test_evaluation_does_not_change_the_training_run():
+    """Evaluating between steps must leave dropout masks (torch's global RNG) alone."""
+    data = toy_classification(24)
+    cfg = dict(lr=1e-2, max_steps=6, eval_every=2, batch_size=4, seed=3)
+    with_eval, without = tiny_bert(dropout=0.2), tiny_bert(dropout=0.2)
+    train(with_eval, data, toy_classification(8, seed=1), quiet(**cfg))
+    train(without, data, None, quiet(**cfg))
+    for (name, a), b in zip(trainable(with_eval).items(), trainable(without).values()):
+        assert torch.equal(a, b), name
+
+
+def test_training_batches_are_grouped_by_length():
+    from peftlab.metrics import as_loader
+
+    data = toy_classification(48)
+    loader = as_loader(data, 8, shuffle=True, seed=0)
+    lengths = [len(x) for x in data["input_ids"]]
+    seen = sorted(i for b in loader.batch_sampler for i in b)
+    assert seen == list(range(48))
+    for batch in loader:  # a batch is padded to its longest row only
+        assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
+    assert loader.batch_sampler.lengths.tolist() == lengths
