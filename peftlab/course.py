@@ -20,18 +20,33 @@ def notebooks() -> list[Path]:
 
 
 def run(paths: list[Path], timeout: int = 3600) -> None:
-    """Execute each notebook top to bottom in a fresh kernel and save it with outputs."""
+    """Execute each notebook top to bottom in a fresh kernel and save it with outputs.
+
+    The widgets' state is stored in the notebook (``store_widget_state``), so a reopened
+    notebook shows its sliders rather than "model not found", and each written notebook is
+    signed (trusted, as ``jupyter trust`` does) so that JupyterLab runs the scripts in its
+    outputs (widgets, bertviz views) when it is opened on this machine.
+    """
     import nbformat
     from nbclient import NotebookClient
 
     for path in paths:
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                                 resources={"metadata": {"path": str(path.parent)}})
         client.execute()
         nbformat.write(nb, path)
+        trust(path)
         print(f"{path.name}: ran in {time.perf_counter() - start:.0f} s")
+
+
+def trust(path: Path) -> None:
+    """Sign the notebook at ``path`` as it is on disk (what ``jupyter trust path`` does)."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    NotebookNotary().sign(nbformat.read(path, as_version=4))
 
 
 def main(argv: list[str] | None = None) -> None:

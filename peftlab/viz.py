@@ -9,31 +9,34 @@ docstring names its section. Conventions:
   virtual tokens first, shown as P0, P1, ... on the key axis.
 * Plotting functions return a ``matplotlib.figure.Figure`` built without pyplot, so a
   notebook shows each figure exactly once and nothing piles up in pyplot's figure list.
-* ``head_view`` / ``model_view`` produce bertviz's views as self-contained HTML: d3 and
-  jQuery (``peftlab/static/viz``, with their licences) are inlined, nothing is fetched.
+* Text in figures is at least 9 pt (``FONT_SIZE``) at the size a function picks.
+* ``head_view`` / ``model_view`` return bertviz's own views (the ``bertviz`` package) as
+  self-contained HTML: d3 and jQuery (``peftlab/static/viz``, with their licences) are
+  inlined, nothing is fetched. Importing this module also runs :func:`enable_offline_bertviz`,
+  so bertviz's own ``from bertviz import head_view; head_view(attention, tokens)`` draws
+  offline too (``peftlab/bertviz_offline.py`` says how).
 """
 
 from __future__ import annotations
 
-import json
-import re
-import uuid
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 __all__ = [
     "AttentionMaps", "Attributions", "OfflineView", "attention_change", "attention_explorer",
-    "attention_maps", "attribution_html", "head_view", "model_view", "new_figure", "plot_attention_change",
-    "plot_attributions", "plot_change_by_head", "plot_head", "plot_layer", "plot_prefix_share",
-    "prefix_names", "prefix_share", "token_attributions",
+    "attention_maps", "attribution_html", "enable_offline_bertviz", "head_view", "model_view",
+    "new_figure", "plot_attention_change", "plot_attributions", "plot_change_by_head", "plot_head",
+    "plot_layer", "plot_prefix_share", "prefix_names", "prefix_share", "token_attributions",
 ]
 
 # transformers attention kernels that never materialise the probabilities
 NO_MAPS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
-_STATIC = "static/viz"
+FONT_SIZE = 9  # pt: the smallest text in any figure here (tick labels, cell values)
+TITLE_SIZE = 11  # pt: panel titles
+FIGURE_WIDTH = 12.0  # inches (1200 px as a notebook PNG): plot_layer picks its columns to fit
+_PER_TOKEN = 0.2  # inches per token along a labelled heatmap axis: 14.4 pt for a 9 pt label
 
 
 # -- getting the maps ---------------------------------------------------------------------
@@ -167,12 +170,20 @@ def new_figure(width: float, height: float):
     return _FIGURE_CLASS(figsize=(min(width, 18), min(height, 18)), layout="constrained")
 
 
-def _label(ax, maps: AttentionMaps, fontsize: float, x: bool = True, y: bool = True) -> None:
+def _label(ax, maps: AttentionMaps, x: bool = True, y: bool = True, fontsize: float = FONT_SIZE) -> None:
     keys, m = maps.key_tokens, maps.prefix_length
     ax.set_xticks(range(len(keys)), keys if x else [], rotation=90, fontsize=fontsize)
     ax.set_yticks(range(len(maps.tokens)), maps.tokens if y else [], fontsize=fontsize)
     if m:
         ax.axvline(m - 0.5, color="white", lw=1.5)
+
+
+def _colorbar(fig, im, ax, label: str | None = None, shrink: float = 0.8):
+    bar = fig.colorbar(im, ax=ax, shrink=shrink)
+    bar.ax.tick_params(labelsize=FONT_SIZE)
+    if label:
+        bar.set_label(label, fontsize=FONT_SIZE + 1)
+    return bar
 
 
 def plot_head(maps: AttentionMaps, layer: int, head: int, *, ax=None):
@@ -183,31 +194,41 @@ def plot_head(maps: AttentionMaps, layer: int, head: int, *, ax=None):
         ax = fig.add_subplot()
     fig = ax.figure
     im = ax.imshow(att.numpy(), cmap="viridis", vmin=0.0, vmax=float(att.max()), aspect="auto")
-    _label(ax, maps, 8)
-    ax.set(xlabel="key (attended to)", ylabel="query", title=f"layer {layer}, head {head}")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="attention")
+    _label(ax, maps)
+    ax.set_xlabel("key (attended to)", fontsize=FONT_SIZE + 1)
+    ax.set_ylabel("query", fontsize=FONT_SIZE + 1)
+    ax.set_title(f"layer {layer}, head {head}", fontsize=TITLE_SIZE)
+    _colorbar(fig, im, ax, "attention")
     return fig
 
 
-def plot_layer(maps: AttentionMaps, layer: int, *, heads: list[int] | None = None, cols: int = 4):
-    """All heads of one layer as a grid of heatmaps (section "Heatmaps")."""
+def plot_layer(maps: AttentionMaps, layer: int, *, heads: list[int] | None = None, cols: int | None = None):
+    """All heads of one layer as a grid of heatmaps (section "Heatmaps").
+
+    ``cols``: heatmaps per row; by default as many (up to 4) as fit in ``FIGURE_WIDTH``
+    inches: a PNG at most 1200 px wide, shown unscaled (labels at 9 pt) in the output area of
+    a 1400 px wide JupyterLab with its side bar closed.
+    """
     maps.check(layer)
     heads = list(range(maps.num_heads)) if heads is None else list(heads)
     for h in heads:
         maps.check(layer, h)
+    k, t = len(maps.key_tokens), len(maps.tokens)
+    panel = 0.9 + _PER_TOKEN * k  # inches: a heatmap, its y labels and the gap to the next
+    if cols is None:
+        cols = min(4, int((FIGURE_WIDTH - 0.8) // panel))
     cols = max(1, min(cols, len(heads)))
     rows = -(-len(heads) // cols)
-    k, t = len(maps.key_tokens), len(maps.tokens)
-    fig = new_figure(cols * (0.9 + 0.17 * k) + 0.8, rows * (0.9 + 0.17 * t) + 0.5)
+    fig = new_figure(cols * panel + 0.8, rows * (0.9 + _PER_TOKEN * t) + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= len(heads):
             ax.set_axis_off()
             continue
         ax.imshow(maps.attentions[layer][heads[i]].numpy(), cmap="viridis", vmin=0, aspect="auto")
-        _label(ax, maps, 6, x=i + cols >= len(heads), y=i % cols == 0)
-        ax.set_title(f"head {heads[i]}", fontsize=9)
-    fig.suptitle(f"layer {layer}: every head (rows: queries, columns: keys)")
+        _label(ax, maps, x=i + cols >= len(heads), y=i % cols == 0)
+        ax.set_title(f"head {heads[i]}", fontsize=TITLE_SIZE)
+    fig.suptitle(f"layer {layer}: every head (rows: queries, columns: keys)", fontsize=TITLE_SIZE + 1)
     return fig
 
 
@@ -245,30 +266,33 @@ def plot_attention_change(base: AttentionMaps, tuned: AttentionMaps, layer: int,
     x, y = a[layer][head], b[layer][head]
     diff, top = y - x, float(torch.maximum(x.max(), y.max()))
     lim = max(float(diff.abs().max()), 1e-6)
-    fig = new_figure(3 * (1.2 + 0.2 * x.shape[1]) + 1, 2 + 0.25 * x.shape[0])
+    fig = new_figure(3 * (1.2 + _PER_TOKEN * x.shape[1]) + 1, 2 + 0.25 * x.shape[0])
     axes = fig.subplots(1, 3)
     panels = ((x, names[0], "viridis", 0, top), (y, names[1], "viridis", 0, top),
               (diff, f"{names[1]} − {names[0]}", "RdBu_r", -lim, lim))
     for i, (ax, (data, title, cmap, lo, hi)) in enumerate(zip(axes, panels)):
         im = ax.imshow(data.numpy(), cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
-        _label(ax, keys, 7, y=i == 0)
-        ax.set_title(title)
+        _label(ax, keys, y=i == 0)
+        ax.set_title(title, fontsize=TITLE_SIZE)
         if i != 1:
-            fig.colorbar(im, ax=ax, shrink=0.7)
-    fig.suptitle(f"layer {layer}, head {head}")
+            _colorbar(fig, im, ax, shrink=0.7)
+    fig.suptitle(f"layer {layer}, head {head}", fontsize=TITLE_SIZE + 1)
     return fig
 
 
 def _grid(ax, values: torch.Tensor, cmap: str, label: str, vmax: float | None = None) -> None:
     im = ax.imshow(values.numpy(), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
     rows, cols, dark = *values.shape, 0.6 * (vmax or float(values.max()))
-    ax.set(xticks=range(cols), yticks=range(rows), xlabel="head", ylabel="layer")
-    if rows * cols <= 200:
+    ax.set_xticks(range(cols), [str(j) for j in range(cols)], fontsize=FONT_SIZE)
+    ax.set_yticks(range(rows), [str(i) for i in range(rows)], fontsize=FONT_SIZE)
+    ax.set_xlabel("head", fontsize=FONT_SIZE + 1)
+    ax.set_ylabel("layer", fontsize=FONT_SIZE + 1)
+    if rows * cols <= 200:  # cells are 0.55 x 0.45 in: room for "0.00" at 9 pt
         for (i, j), v in zip(torch.cartesian_prod(torch.arange(rows), torch.arange(cols)).tolist(),
                              values.flatten().tolist()):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=FONT_SIZE,
                     color="white" if v < dark else "black")
-    ax.figure.colorbar(im, ax=ax, shrink=0.8, label=label)
+    _colorbar(ax.figure, im, ax, label)
 
 
 def plot_change_by_head(base: AttentionMaps, tuned: AttentionMaps):
@@ -276,7 +300,7 @@ def plot_change_by_head(base: AttentionMaps, tuned: AttentionMaps):
     change = attention_change(base, tuned)
     fig = new_figure(1.5 + 0.55 * change.shape[1], 1.2 + 0.45 * change.shape[0])
     _grid(fig.add_subplot(), change, "magma", "mean total variation")
-    fig.suptitle("how far each head's attention moved")
+    fig.suptitle("how far each head's attention moved", fontsize=TITLE_SIZE + 1)
     return fig
 
 
@@ -300,16 +324,30 @@ def plot_prefix_share(maps: AttentionMaps):
     fig = new_figure(4 + 0.55 * lam.shape[1], 1.5 + 0.45 * lam.shape[0])
     left, right = fig.subplots(1, 2, width_ratios=[3, 1])
     _grid(left, lam, "viridis", "λ (share on prefix)", vmax=1.0)
-    left.set_title(f"share of attention on the {maps.prefix_length} prefix keys")
+    left.set_title(f"share of attention on the {maps.prefix_length} prefix keys", fontsize=TITLE_SIZE)
     right.barh(range(lam.shape[0]), lam.mean(1).numpy(), color="tab:orange")
-    right.set(xlim=(0, 1), ylim=(lam.shape[0] - 0.5, -0.5), yticks=range(lam.shape[0]),
-              xlabel="mean λ", title="per layer")
+    right.set(xlim=(0, 1), ylim=(lam.shape[0] - 0.5, -0.5))
+    right.set_yticks(range(lam.shape[0]), [str(i) for i in range(lam.shape[0])], fontsize=FONT_SIZE)
+    right.tick_params(axis="x", labelsize=FONT_SIZE)
+    right.set_xlabel("mean λ", fontsize=FONT_SIZE + 1)
+    right.set_title("per layer", fontsize=TITLE_SIZE)
     return fig
 
 
-# -- offline bertviz ----------------------------------------------------------------------
-def _static(name: str) -> str:
-    return (resources.files("peftlab") / _STATIC / name).read_text(encoding="utf-8")
+# -- bertviz ------------------------------------------------------------------------------
+def enable_offline_bertviz() -> str:
+    """Make bertviz's own ``head_view`` / ``model_view`` draw offline (section "bertviz views").
+
+    Afterwards ``from bertviz import head_view, model_view`` and bertviz's usual calls,
+    ``head_view(attention, tokens)``, draw with no network: d3 and jQuery are inlined from
+    ``peftlab/static/viz``. Attention with prefix keys (a prefix-tuned model's
+    ``outputs.attentions``) is accepted, the keys labelled P0, P1, ...; so is an
+    :class:`AttentionMaps`. Idempotent; importing ``peftlab.viz`` already calls it when bertviz
+    is installed. Returns bertviz's version. How it works: ``peftlab.bertviz_offline``.
+    """
+    from . import bertviz_offline
+
+    return bertviz_offline.enable()
 
 
 class OfflineView:
@@ -331,78 +369,60 @@ class OfflineView:
         return path
 
 
-def _render(script: str, params: dict, controls: str) -> OfflineView:
-    vis_id = f"bertviz-{uuid.uuid4().hex}"
-    params["root_div_id"] = vis_id
-    data = json.dumps(params).replace("</", "<\\/")  # a token such as "</s>" cannot end the script
-    code, found = re.subn(r"require\.config\(\{.*?\}\);", "", _static(script), count=1, flags=re.S)
-    if not found:
-        raise RuntimeError(f"{script} no longer has bertviz 1.4's require.config block")
-    code = code.replace("PYTHON_PARAMS", data, 1)  # the marker is also named in a comment
-    libs = {name: _static(file) for name, file in (("d3", "d3.min.js"), ("jquery", "jquery.slim.min.js"))}
-    if any("</script" in src.lower() for src in libs.values()):
-        raise RuntimeError("a bundled library contains '</script' and cannot be inlined")
-    loaders = "".join(f"var {name} = load(function (module, exports) {{\n{src}\n}});\n"
-                      for name, src in libs.items())
-    js = ("(function () {\n"
-          "function load(body) { var module = {exports: {}}; body(module, module.exports); return module.exports; }\n"
-          f"{loaders}var modules = {{d3: d3, jquery: jquery}};\n"
-          "var requirejs = function (names, done) { done.apply(null, names.map(function (n) { return modules[n]; })); };\n"
-          "var require = {config: function () {}};\n"
-          f'var note = document.getElementById("{vis_id}-note");\n'
-          f"try {{\n{code}\nif (note) note.remove();\n}} catch (err) {{\n"
-          'if (note) note.textContent = "bertviz view failed: " + err; throw err;\n}\n})();\n')
-    html = (f'<div id="{vis_id}-note" style="color:#777;font-size:12px">bertviz view: it draws when '
-            "this output's script runs. Only this line? Run the cell again (JupyterLab does not run "
-            "scripts in saved outputs of an untrusted notebook).</div>\n"
-            f'<div id="{vis_id}" style="font-family:\'Helvetica Neue\', Helvetica, Arial, sans-serif;">'
-            f'<span style="user-select:none">{controls}</span><div id="vis"></div></div>\n'
-            f'<script type="text/javascript">\n{js}</script>\n')
-    return OfflineView(html)
+def _bertviz():
+    enable_offline_bertviz()
+    import bertviz
+
+    return bertviz
 
 
-def _bertviz_data(maps: AttentionMaps, layers, heads) -> tuple[list[int], list[int], dict]:
+def _checked(maps: AttentionMaps, layers, heads) -> tuple[list[int], list[int]]:
     layers = list(range(maps.num_layers)) if layers is None else list(layers)
     heads = list(range(maps.num_heads)) if heads is None else list(heads)
     for layer in layers:
         maps.check(layer)
     for head in heads:
         maps.check(0, head)
-    attn = torch.stack([maps.attentions[l][heads] for l in layers])  # (layers, heads, T, m + T)
-    rounded = [[[[round(v, 4) for v in row] for row in head] for head in layer] for layer in attn.tolist()]
-    # bertviz draws queries on the left and keys on the right, so a longer key side (the
-    # prefix P0.. first) is accepted as for its encoder-decoder "cross" attention
-    return layers, heads, {"name": None, "attn": rounded, "left_text": list(maps.tokens),
-                           "right_text": maps.key_tokens}
+    return layers, heads
+
+
+def _batched(maps: AttentionMaps) -> list[torch.Tensor]:
+    """bertviz's input: per layer (1, heads, T, m + T), rounded to 4 decimals (a smaller output)."""
+    return [torch.round(a.double(), decimals=4).unsqueeze(0) for a in maps.attentions]
 
 
 def head_view(maps: AttentionMaps, *, layer: int | None = None, heads: list[int] | None = None,
               layers: list[int] | None = None) -> OfflineView:
-    """bertviz's head view, working offline (section "bertviz views").
+    """bertviz's head view, drawn by bertviz itself, offline (section "bertviz views").
 
     ``layer``: layer selected at first; ``heads``: heads highlighted at first (default all);
     ``layers``: layers offered in the menu (default all; fewer keeps the output small).
+    Prefix keys come first on the right, labelled P0, P1, ...
     """
-    layers, _, data = _bertviz_data(maps, layers, None)
+    layers, _ = _checked(maps, layers, heads)
     if layer is not None and layer not in layers:
         maps.check(layer)
         raise IndexError(f"layer {layer} is not among the layers shown, {layers}")
-    for head in heads or []:
-        maps.check(layers[0], head)
-    params = {"attention": [data], "default_filter": "0", "layer": layer, "heads": heads,
-              "include_layers": layers}
-    return _render("bertviz_head_view.js", params, 'Layer: <select id="layer"></select>')
+    out = _bertviz().head_view(_batched(maps), list(maps.tokens), prettify_tokens=False, layer=layer,
+                               heads=heads, include_layers=layers, html_action="return")
+    return OfflineView(out.data)
 
 
 def model_view(maps: AttentionMaps, *, layers: list[int] | None = None, heads: list[int] | None = None,
                display_mode: str = "light") -> OfflineView:
-    """bertviz's model view (every layer x head as a thumbnail), offline (section "bertviz views")."""
+    """bertviz's model view (every layer x head as a thumbnail), offline (section "bertviz views").
+
+    bertviz draws it 970 px wide whatever the number of heads (a thumbnail is
+    (970 - 38) / heads px wide, 7 x 12 / heads px per token high); peftlab's offline script
+    scales it down to the output area when that is narrower (see ``peftlab.bertviz_offline``).
+    """
     if display_mode not in ("light", "dark"):
         raise ValueError(f'display_mode must be "light" or "dark", got {display_mode!r}')
-    layers, heads, data = _bertviz_data(maps, layers, heads)
-    params = {"attention": [data], "default_filter": "0", "display_mode": display_mode,
-              "include_layers": layers, "include_heads": heads, "total_heads": maps.num_heads}
-    return _render("bertviz_model_view.js", params, "")
+    layers, heads = _checked(maps, layers, heads)
+    out = _bertviz().model_view(_batched(maps), list(maps.tokens), prettify_tokens=False,
+                                display_mode=display_mode, include_layers=layers, include_heads=heads,
+                                html_action="return")
+    return OfflineView(out.data)
 
 
 # -- widgets ------------------------------------------------------------------------------
@@ -539,7 +559,14 @@ def plot_attributions(attr: Attributions, *, ax=None):
     scores = attr.scores.numpy()
     ax.bar(range(len(scores)), scores, color=["tab:green" if s >= 0 else "tab:red" for s in scores])
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(scores)), attr.tokens, rotation=90)
-    ax.set(ylabel="attribution to the logit", title=f"integrated gradients, class {attr.target} "
-           f"(p = {attr.probability:.2f})")
+    ax.set_xticks(range(len(scores)), attr.tokens, rotation=90, fontsize=FONT_SIZE + 1)
+    ax.tick_params(axis="y", labelsize=FONT_SIZE)
+    ax.set_ylabel("attribution to the logit", fontsize=FONT_SIZE + 1)
+    ax.set_title(f"integrated gradients, class {attr.target} (p = {attr.probability:.2f})", fontsize=TITLE_SIZE)
     return ax.figure
+
+
+try:  # bertviz's own views draw offline once peftlab.viz is imported (it is a course dependency)
+    enable_offline_bertviz()
+except ImportError:  # without bertviz the rest of this module works; head_view says how to install it
+    pass

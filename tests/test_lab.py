@@ -81,3 +81,41 @@ def test_lab_is_quiet_offline(lab):
     settings = json.loads(get(f"{base}/lab/api/settings/@jupyterlab/apputils-extension:notification?token={token}"))
     assert settings["settings"]["fetchNews"] == "false"
     assert settings["settings"]["checkForUpdates"] is False
+
+
+def test_lab_saves_widget_state_with_the_notebook(lab):
+    """Reopened, a notebook shows its widgets from the saved state, not "model not found"."""
+    base, token = lab
+    plugin = json.loads(get(f"{base}/lab/api/settings/@jupyter-widgets/jupyterlab-manager:plugin?token={token}"))
+    assert "saveState" in plugin["schema"]["properties"]
+    assert plugin["settings"]["saveState"] is True
+
+
+def test_course_run_stores_widget_state_and_trusts(tmp_path, monkeypatch):
+    """``python -m peftlab.course run`` keeps the widget state and signs what it writes (no kernel here)."""
+    import nbclient
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    from peftlab import course
+
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))  # a throwaway signing key and database
+    path = tmp_path / "01_example.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("show()")]), path)
+    seen = {}
+
+    class Client:  # stands in for nbclient's: "runs" the cell, producing a script output
+        def __init__(self, nb, **kwargs):
+            self.nb = nb
+            seen.update(kwargs)
+
+        def execute(self):
+            self.nb.cells[0].outputs = [nbformat.v4.new_output(
+                "display_data", {"text/html": "<script>draw()</script>"})]
+
+    monkeypatch.setattr(nbclient, "NotebookClient", Client)
+    assert not NotebookNotary().check_signature(nbformat.read(path, as_version=4))
+    course.run([path])
+    assert seen["store_widget_state"] is True
+    written = nbformat.read(path, as_version=4)
+    assert written.cells[0].outputs and NotebookNotary().check_signature(written)

@@ -1,6 +1,8 @@
 """The setup files agree: pyproject, the pinned constraints, environment.yml, Makefile."""
 
+import json
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -55,3 +57,34 @@ def test_jupyter_is_quiet_offline():
     assert 'extension_manager = "readonly"' in cfg and "news_url = None" in cfg
     assert "NeverCheckForUpdate" in cfg
     assert "--allow-root" in (ROOT / "Makefile").read_text()
+
+
+def test_setup_trusts_the_notebooks():
+    """Untrusted, JupyterLab shows a saved widget as ``VBox(children=...)`` text and runs no output script."""
+    makefile = (ROOT / "Makefile").read_text()
+    setup = re.search(r"^setup: .*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "jupyter trust notebooks/*.ipynb" in setup
+    assert "if ls notebooks/*.ipynb" in setup  # no notebooks: nothing to trust, and no failure
+
+
+def test_bertviz_is_pinned_and_installed_without_its_deps():
+    makefile = (ROOT / "Makefile").read_text()
+    from peftlab.bertviz_offline import BERTVIZ_VERSION
+
+    assert pins()["bertviz"] == Version(BERTVIZ_VERSION)
+    assert re.search(r"^\t.*pip install -q --no-deps -c \.ci/constraints\.txt bertviz$", makefile, re.M)
+    assert "--no-deps -c .ci/constraints.txt bertviz" in (ROOT / "environment.yml").read_text()
+    # bertviz declares boto3, whose botocore needs python-dateutil<3: as a declared dependency
+    # it would make pip backtrack through every boto3 release against the pinned dateutil
+    if pins()["python-dateutil"] >= Version("3"):
+        assert "bertviz" not in {Requirement(r).name for r in project()["dependencies"]}
+
+
+def test_widget_state_is_saved_with_the_notebook():
+    import json5
+
+    settings = ROOT / ".jupyter/lab/user-settings/@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings"
+    assert json5.loads(settings.read_text()) == {"saveState": True}
+    schema = (Path(sys.prefix) / "share/jupyter/labextensions/@jupyter-widgets/jupyterlab-manager/schemas"
+              / "@jupyter-widgets/jupyterlab-manager/plugin.json")
+    assert json.loads(schema.read_text())["properties"]["saveState"]["type"] == "boolean"

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +15,11 @@ from peftlab import viz
 STATIC_SHA256 = {
     "d3.min.js": "bdad5585ef9a965ff25458738309b006058c55f2c78d794d25fbecae35014609",
     "jquery.slim.min.js": "9261efb3407e3a9096e4654750d8eff6b3a663422f48845c7fbcc65034c340cf",
-    "bertviz_head_view.js": "32885444af280c1745d0552da79d8dbad6ce52b5a6b4bd1ef5384cc4a917d7c0",
-    "bertviz_model_view.js": "a22b6b559eebfb3898ff9b45930ca7a16f9e5fe9040b968d92e8c10991ea353c",
+}
+# bertviz 1.4.1's own scripts, which peftlab.bertviz_offline rewrites (a new bertviz needs a look)
+BERTVIZ_SHA256 = {
+    "head_view.js": "32885444af280c1745d0552da79d8dbad6ce52b5a6b4bd1ef5384cc4a917d7c0",
+    "model_view.js": "a22b6b559eebfb3898ff9b45930ca7a16f9e5fe9040b968d92e8c10991ea353c",
 }
 SENTENCE = "A quiet, moving film."
 
@@ -183,13 +187,29 @@ def test_static_files_are_the_published_ones():
     folder = resources.files("peftlab") / "static/viz"
     for name, digest in STATIC_SHA256.items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
-    for licence in ("d3.LICENSE", "jquery.LICENSE.txt", "bertviz.LICENSE"):
+    for licence in ("d3.LICENSE", "jquery.LICENSE.txt"):
         assert (folder / licence).read_text().strip()
+
+
+def test_installed_bertviz_is_the_pinned_one():
+    from importlib import metadata, resources
+
+    from peftlab.bertviz_offline import BERTVIZ_VERSION
+
+    assert metadata.version("bertviz") == BERTVIZ_VERSION
+    constraints = Path(__file__).resolve().parents[1] / ".ci/constraints.txt"
+    pins = dict(line.split("==") for line in constraints.read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins["bertviz"] == BERTVIZ_VERSION
+    folder = resources.files("bertviz")
+    for name, digest in BERTVIZ_SHA256.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
 
 
 def assert_offline(html: str):
     """No <script src>, no require.config, and every http(s) URL is an XML namespace or in a comment."""
     assert not re.search(r"<script[^>]*\bsrc\s*=", html, re.I), "a script is loaded from elsewhere"
+    assert not re.search(r"\bsrc\s*=\s*[\"']?(https?:)?//", html, re.I), "something is loaded from elsewhere"
     assert "cdnjs" not in html and "require.config" not in html and "requirejs.config" not in html
     for line in html.splitlines():
         for url in re.findall(r"https?://[^\s\"'<>)]+", line):
@@ -198,14 +218,21 @@ def assert_offline(html: str):
     assert re.search(r"<script[^>]*>", html) and "d3js.org v5.7.0" in html and "jQuery v3.7.1" in html
 
 
+def params_of(html: str) -> dict:
+    return json.loads(re.search(r"const params = (\{.*?\}); // HACK", html).group(1))
+
+
+def batched(maps):
+    return [a.unsqueeze(0) for a in maps.attentions]
+
+
 @pytest.mark.parametrize("view", [viz.head_view, viz.model_view])
 def test_bertviz_views_are_offline_and_prefix_aware(view, tmp_path):
     maps = fake_maps(m=2)
     out = view(maps)
     assert_offline(out.html)
     assert out._repr_html_() == out.html
-    params = json.loads(re.search(r"const params = (\{.*?\}); // HACK", out.html).group(1).replace("<\\/", "</"))
-    data = params["attention"][0]
+    data = params_of(out.html)["attention"][0]
     assert data["right_text"] == ["P0", "P1", "[CLS]", "good", "</s>", "[SEP]"]
     assert data["left_text"] == maps.tokens
     assert len(data["attn"]) == 2 and len(data["attn"][0][0]) == 4 and len(data["attn"][0][0][0]) == 6
@@ -218,13 +245,151 @@ def test_bertviz_views_are_offline_and_prefix_aware(view, tmp_path):
 def test_head_view_options():
     maps = fake_maps(layers=3)
     out = viz.head_view(maps, layer=2, heads=[1], layers=[0, 2])
-    params = json.loads(re.search(r"const params = (\{.*?\}); // HACK", out.html).group(1).replace("<\\/", "</"))
+    params = params_of(out.html)
     assert (params["layer"], params["heads"], params["include_layers"]) == (2, [1], [0, 2])
     assert len(params["attention"][0]["attn"]) == 2
     with pytest.raises(IndexError, match=r"not among the layers shown, \[0, 2\]"):
         viz.head_view(maps, layer=1, layers=[0, 2])
     with pytest.raises(ValueError, match="display_mode"):
         viz.model_view(maps, display_mode="blue")
+
+
+def shown_html(monkeypatch, call) -> list:
+    """What a notebook cell calling ``call()`` would display, as HTML strings."""
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
+    assert call() is None
+    return [obj._repr_html_() for obj in shown]
+
+
+@pytest.mark.parametrize("name", ["head_view", "model_view"])
+def test_bertvizs_own_views_draw_offline(name, monkeypatch):
+    """``from bertviz import head_view; head_view(attention, tokens)`` as bertviz documents it."""
+    import bertviz
+
+    view = getattr(bertviz, name)  # enabled by importing peftlab.viz
+    maps = fake_maps(m=0)
+    outputs = shown_html(monkeypatch, lambda: view(batched(maps), maps.tokens))
+    assert len(outputs) == 2  # the view's <div> (after its note), then its script; no CDN require.js
+    div, script = outputs
+    assert re.search(r'<div id="bertviz-[0-9a-f]{32}-note"', div) and 'id="vis"' in div.replace("'", '"')
+    assert script.startswith('<script type="text/javascript">') and script.count("</script") == 1
+    assert_offline("\n".join(outputs))
+    data = params_of(script)["attention"][0]
+    assert data["left_text"] == data["right_text"] == maps.tokens
+    returned = view(batched(maps), maps.tokens, html_action="return").data  # one self-contained HTML
+    assert_offline(returned)
+    assert len(re.findall(r'<div id="bertviz-[0-9a-f]{32}-note"', returned)) == 1
+    assert returned.count('"left_text"') == 1
+
+
+@pytest.mark.parametrize("name", ["head_view", "model_view"])
+def test_bertviz_views_take_prefix_keys(name):
+    import bertviz
+
+    maps = fake_maps(m=3)
+    keys = ["P0", "P1", "P2", *maps.tokens]
+    for args in ((batched(maps), maps.tokens), (maps,)):  # the model's attentions, or AttentionMaps
+        html = getattr(bertviz, name)(*args, html_action="return").data
+        assert_offline(html)
+        data = params_of(html)["attention"][0]
+        assert (data["left_text"], data["right_text"]) == (maps.tokens, keys)
+        assert len(data["attn"][0][0]) == 4 and len(data["attn"][0][0][0]) == 7
+    with pytest.raises(ValueError, match="sentence_b_start cannot be combined with prefix keys"):
+        getattr(bertviz, name)(batched(maps), maps.tokens, sentence_b_start=2)
+
+
+def test_enabling_is_idempotent_and_covers_earlier_imports():
+    import bertviz
+    import bertviz.head_view  # noqa: F401  (the module; bertviz.head_view the name is the function)
+
+    before = bertviz.head_view
+    assert viz.enable_offline_bertviz() == "1.4.1" and viz.enable_offline_bertviz() == "1.4.1"
+    assert bertviz.head_view is before
+    original = before.__peftlab_original__  # what `from bertviz import head_view` gave before enabling
+    maps = fake_maps(m=0)
+    assert_offline(original(batched(maps), maps.tokens, html_action="return").data)
+
+
+def test_a_token_cannot_end_the_script():
+    maps = fake_maps(tokens=("[CLS]", "</script>", "<!--", "[SEP]"), m=1)
+    html = viz.head_view(maps).html
+    assert html.count("</script") == 1 and "</s" not in html.split("const params")[1].split("\n")[0]
+    assert params_of(html)["attention"][0]["left_text"] == list(maps.tokens)
+
+
+def test_model_view_fits_1400_px():
+    """bertviz draws the model view DIV_WIDTH px wide whatever the heads; it must fit JupyterLab at 1400 px."""
+    from importlib import resources
+
+    js = (resources.files("bertviz") / "model_view.js").read_text()
+    const = {k: float(v) for k, v in re.findall(r"const (\w+) = (\d+(?:\.\d+)?);", js)}
+    axis = const["HEADING_TEXT_SIZE"] + const["HEADING_PADDING"] + const["TEXT_SIZE"] + const["TEXT_PADDING"]
+    layers, heads, tokens = 6, 12, 16  # MiniLM on a one-line sentence
+    thumb_w = (const["DIV_WIDTH"] - axis) / heads
+    thumb_h = tokens * 7 * (12 / heads) + 2 * const["THUMBNAIL_PADDING"]
+    # JupyterLab 4 at 1400 px, sidebars closed: two 33 px tab bars, a 64 px prompt, ~60 px of padding
+    area = 1400 - 2 * 33 - 64 - 60
+    assert const["DIV_WIDTH"] <= area and thumb_w >= 70 and layers * thumb_h + axis <= 1000
+    # narrower (a file browser open): the view scales down instead of overflowing
+    html = viz.model_view(fake_maps(tokens=tuple(f"t{i}" for i in range(tokens)), layers=layers, heads=heads)).html
+    assert 'setAttribute("viewBox"' in html and 'svg.style.width = "100%"' in html
+    assert params_of(html)["total_heads"] == heads
+
+
+# -- figure text ---------------------------------------------------------------------------
+def drawn_text(fig):
+    """Each drawn, non-empty text of ``fig`` with its box on a rendered canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for t in fig.findobj(Text):
+        ax = t.axes
+        if t.get_visible() and t.get_text().strip() and (ax is None or ax.axison) and t.get_alpha() != 0:
+            out.append((t, t.get_window_extent(renderer)))
+    return out
+
+
+def minilm_like(m=2):
+    return fake_maps(tokens=("[CLS]", "the", "plot", "is", "thin", "but", "the", "acting", "is", "superb",
+                             ".", "[SEP]"), layers=6, heads=12, m=m)
+
+
+FIGURES = {
+    "plot_head": lambda m: viz.plot_head(m, 3, 5),
+    "plot_layer": lambda m: viz.plot_layer(m, 2),
+    "plot_attention_change": lambda m: viz.plot_attention_change(minilm_like(m=0), m, 4, 1),
+    "plot_change_by_head": lambda m: viz.plot_change_by_head(minilm_like(m=0), m),
+    "plot_prefix_share": lambda m: viz.plot_prefix_share(m),
+    "plot_attributions": lambda m: viz.plot_attributions(viz.Attributions(
+        m.tokens, torch.linspace(-1, 1, len(m.tokens)), 1, 0.9, 2.0, 0.5, 0.0)),
+}
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_figure_text_is_readable(name):
+    """At the size each function picks: every text >= 9 pt, and no two tick labels (or cell values) overlap."""
+    fig = FIGURES[name](minilm_like())
+    texts = drawn_text(fig)
+    small = [(t.get_text(), t.get_fontsize()) for t, _ in texts if t.get_fontsize() < 9]
+    assert not small, f"{name}: text under 9 pt: {small[:8]}"
+    for ax in fig.axes:
+        if not ax.axison:
+            continue
+        groups = [ax.xaxis.get_ticklabels(), ax.yaxis.get_ticklabels(), ax.texts]
+        for group in groups:
+            boxes = [box for t, box in texts if t in group]
+            for i, a in enumerate(boxes):
+                for b in boxes[i + 1:]:
+                    assert not a.overlaps(b), f"{name}: two labels overlap in {ax.get_title()!r}"
+    assert fig.get_figwidth() <= 18 and fig.get_figheight() <= 18
+    if name == "plot_layer":  # 12 heads: columns chosen to keep the PNG within FIGURE_WIDTH
+        assert fig.get_figwidth() <= viz.FIGURE_WIDTH
 
 
 # -- widgets -------------------------------------------------------------------------------
