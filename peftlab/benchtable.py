@@ -366,3 +366,20 @@ def _child(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _child(sys.argv[1:])
+
+
+def reference(path: Path | None = None) -> tuple[dict[str, dict], str]:
+    """The course's stored table: rows by method, and the budget they were trained with, in words.
+
+    Notebooks print these next to their own short live runs (``notebooks/03``–``06``).
+    """
+    path = Path(path) if path else default_output() / "benchmark.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    s = data["settings"]
+    seeds = s.get("seeds", [s.get("seed", 0)])
+    budget = (f"{s['max_steps']} steps" if s.get("max_steps") else
+              f"{s['steps']} steps" if s.get("steps") else
+              "one full epoch" if s.get("epochs", 1) == 1 else f"{s['epochs']} epochs")
+    spread = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    text = f"{budget} x batch {s['batch_size']}, test accuracy, {spread}"
+    return {r["method"]: r for r in data["rows"]}, text
