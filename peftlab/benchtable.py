@@ -45,7 +45,7 @@ LABELS = {
 # one learning rate per method at batch 32 for one epoch: LoRA and adapters ~1e-3..2e-3, full
 # fine-tuning ~5e-5 (its updates touch every weight), the small prefix/prompt parameters and the
 # bare head much higher (tune them with peftlab.search)
-LEARNING_RATES = {"head": 1e-2, "full": 5e-5, "peft-lora": 2e-3, "lora": 2e-3, "prefix": 1e-2,
+LEARNING_RATES = {"head": 1e-2, "full": 5e-5, "peft-lora": 2e-3, "lora": 2e-3, "prefix": 1e-3,
                   "prompt": 3e-2, "houlsby": 2e-3, "pfeiffer": 2e-3}
 WARMUP = 0.06  # share of the steps
 

@@ -24,6 +24,14 @@ include the prefix columns. The cache only ever holds real tokens; positions of 
 tokens are unchanged (HF peft numbers them from m instead: pass
 ``position_ids = arange(m, m + T)`` to reproduce its logits). Explained in
 notebooks/04_prefix_tuning.ipynb.
+
+Initialisation (``PrefixConfig.init``): by default every layer's prefix is the keys and
+values the frozen base model (all adapters off) computes for m real tokens, a neutral
+phrase (``DEFAULT_PHRASE``) read with the model's own tokenizer, or m seeded vocabulary
+samples when there is none (Li & Liang 2021 found real-word activations better than
+random ones). Rotary models read them at positions -m..-1, so a causal Llama-style model
+starts out computing exactly what the base model computes for phrase + input. N(0, 1)
+prefixes (``init="random"``) are on no scale the model knows; they are kept on request only.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from torch import nn
 
 from .config import PrefixConfig
 from .inject import MethodHooks, configs, register_method
+from .lora import LoRALinear
 from .targets import replace_module, walk
 from .wrappers import ModulesToSaveWrapper
 
@@ -155,26 +164,40 @@ _register()
 # -- finding the attention layers ---------------------------------------------------------
 @contextmanager
 def _frozen_run(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, adapters off, for a probe forward; everything restored afterwards."""
+    """Eval mode, no grad, every adapter off, for a probe forward; everything restored afterwards.
+
+    Off means: prefix/prompt tuning and bottleneck adapters (the root's ``peftlab_disabled`` flag)
+    and LoRA layers and ``modules_to_save`` copies (their own ``disabled`` flag), so a probe sees the
+    frozen base model whichever adapter is active. Merged LoRA weights cannot be switched off
+    (``inject`` refuses to add an adapter to a merged model before any probe runs).
+    """
     modes = [(m, m.training) for m in model.modules()]
+    switches = [(m, m.disabled) for m in model.modules() if isinstance(m, (LoRALinear, ModulesToSaveWrapper))
+                and not getattr(m, "merged", None)]
     flag = model.__dict__.get("peftlab_disabled")
     model.eval()
     model.__dict__["peftlab_disabled"] = True
+    for m, _ in switches:
+        m.disabled = True
     try:
         with torch.no_grad():
             yield
     finally:
         for m, mode in modes:
             m.training = mode
+        for m, was in switches:
+            m.disabled = was
         if flag is None:
             model.__dict__.pop("peftlab_disabled", None)
         else:
             model.__dict__["peftlab_disabled"] = flag
 
 
-def record_attention(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[nn.Module, int, torch.Tensor, torch.Tensor]]:
-    """Run ``model`` on ``input_ids`` (B, T) and return, per attention call in order,
-    (module, query heads, key (B, K, T, hd), value (B, K, T, hd)) as the attention function sees them.
+def record_attention(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+                     ) -> list[tuple[nn.Module, int, torch.Tensor, torch.Tensor]]:
+    """Run the frozen base ``model`` (every adapter off) on ``input_ids`` (B, T) and return, per
+    attention call in order, (module, query heads, key (B, K, T, hd), value (B, K, T, hd)) as the
+    attention function sees them. ``position_ids`` (B, T), if given, is passed to the forward.
 
     The model is left exactly as it was. Raises ``TypeError`` for an unsupported architecture.
     """
@@ -199,7 +222,8 @@ def record_attention(model: nn.Module, input_ids: torch.Tensor) -> list[tuple[nn
         _RECORD = []
         with _frozen_run(model):
             device = next(model.parameters()).device
-            model(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids, device=device))
+            extra = {} if position_ids is None else {"position_ids": position_ids.to(device)}
+            model(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids, device=device), **extra)
         calls, _RECORD = _RECORD, None
     finally:
         _RECORD = None
@@ -230,24 +254,86 @@ def position_limit(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def text_ids(model: nn.Module, config, m: int) -> torch.Tensor:
-    """Token ids (m,) of ``config.init`` = "text:<words>", repeated or cut to m tokens."""
+DEFAULT_PHRASE = ("The following text is written in plain English and can be read by anyone who is "
+                  "interested in it.")  # init="auto": neutral, task-free; ~20 tokens, so m = 16 needs no repeat
+VOCAB_SEED = 0  # init="vocab": the token ids are drawn from their own generator (the global RNG is untouched)
+SKIP_IDS = 1000  # init="vocab" skips ids below min(SKIP_IDS, vocab // 10): BERT's [PAD]/[unusedN]/[CLS]..., byte tokens
+
+
+def _load_tokenizer(model: nn.Module, config, required: bool):
+    """(tokenizer, source) for ``config.tokenizer`` or the model's own; None when not ``required`` and none loads."""
     from transformers import AutoTokenizer
 
     source = config.tokenizer or getattr(model.config, "_name_or_path", None)
     if not source:
-        raise ValueError(f'init={config.init!r} needs a tokenizer: set tokenizer="<name or folder>" in the config')
+        if required:
+            raise ValueError(f'init={config.init!r} needs a tokenizer: set tokenizer="<name or folder>" in the config')
+        return None
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not load the tokenizer {source!r} for init={config.init!r} ({err}): "
-                         'set tokenizer="<name or folder>" in the config') from err
-    ids = tok(config.init[5:].strip(), add_special_tokens=False)["input_ids"]
-    vocab = model.get_input_embeddings().num_embeddings
+        return AutoTokenizer.from_pretrained(source), source
+    except Exception as err:  # a missing folder, no network, a folder without tokenizer files, ...
+        if required:
+            raise ValueError(f"could not load the tokenizer {source!r} for init={config.init!r} ({err}): "
+                             'set tokenizer="<name or folder>" in the config') from err
+        return None
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _words_ids(tok, words: str, vocab: int, m: int) -> torch.Tensor | None:
+    """Token ids (m,) of ``words`` (no special tokens), repeated or cut to m; None if they do not fit ``vocab``."""
+    ids = tok(words, add_special_tokens=False)["input_ids"]
     if not ids or max(ids) >= vocab:
-        raise ValueError(f"the tokenizer {source!r} does not fit this model's vocabulary ({vocab} tokens)")
+        return None
     reps = -(-m // len(ids))
     return torch.tensor((ids * reps)[:m], dtype=torch.long)  # (m,)
+
+
+def vocab_ids(model: nn.Module, m: int, seed: int = VOCAB_SEED) -> torch.Tensor:
+    """m token ids (m,) sampled without replacement (seeded) from the model's vocabulary.
+
+    Skips the first min(SKIP_IDS, vocab // 10) ids (special, unused and byte tokens in BERT and
+    Llama vocabularies) and the special ids the model config names (bos, eos, pad, ...).
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rows = model.get_input_embeddings().num_embeddings
+    hi = min(rows, getattr(cfg, "vocab_size", None) or rows)
+    special = set()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "cls_token_id", "unk_token_id",
+                "mask_token_id", "decoder_start_token_id"):
+        value = getattr(cfg, key, None)
+        special.update(value if isinstance(value, (list, tuple)) else [value])
+    pool = torch.tensor([i for i in range(min(SKIP_IDS, hi // 10), hi) if i not in special], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    pick = (torch.randperm(len(pool), generator=gen)[:m] if len(pool) >= m
+            else torch.randint(len(pool), (m,), generator=gen))
+    return pool[pick]  # (m,)
+
+
+def init_ids(model: nn.Module, config, m: int) -> torch.Tensor:
+    """The real token ids (m,) whose keys/values (prefix) or embeddings (prompt) start an adapter.
+
+    ``config.init``: "text:<words>" (tokenizer required), "auto" (``DEFAULT_PHRASE`` with the
+    model's tokenizer, else ``vocab_ids``) or "vocab" (``vocab_ids``). Not for "random".
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    if config.init == "vocab":
+        return vocab_ids(model, m)
+    if config.init == "auto":
+        found = _load_tokenizer(model, config, required=False)
+        ids = _words_ids(found[0], DEFAULT_PHRASE, vocab, m) if found is not None else None
+        return vocab_ids(model, m) if ids is None else ids
+    if not config.init.startswith("text:"):
+        raise ValueError(f"init={config.init!r} takes no token ids")
+    tok, source = _load_tokenizer(model, config, required=True)
+    ids = _words_ids(tok, config.init[5:].strip(), vocab, m)
+    if ids is None:
+        raise ValueError(f"the tokenizer {source!r} does not fit this model's vocabulary ({vocab} tokens)")
+    return ids
 
 
 # -- the prefix parameters ------------------------------------------------------------------
@@ -265,6 +351,7 @@ class PrefixEncoder(nn.Module):
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.num_virtual_tokens = num_virtual_tokens
         self.visible: torch.Tensor | None = None
+        self.init_ids: torch.Tensor | None = None  # the token ids the prefix was initialised from (not saved)
         width = num_layers * 2 * kv_heads * head_dim
         kw = {"device": device, "dtype": dtype}
         if projection_hidden:
@@ -329,10 +416,22 @@ class PrefixEncoder(nn.Module):
                 f"m={self.num_virtual_tokens}, {kind}")
 
 
+def rotary(model: nn.Module) -> bool:
+    """Whether ``model`` encodes positions with rotary embeddings (Llama-style: relative, in q and k)."""
+    return any(type(mod).__name__.endswith("RotaryEmbedding") for mod in model.modules())
+
+
 def text_prefix(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The frozen model's own keys and values for ``ids`` (m,), as a flat (m, L * 2 * K * hd) tensor."""
+    """The frozen base model's own keys and values for ``ids`` (m,), as a flat (m, L * 2 * K * hd) tensor.
+
+    Computed with every adapter off. With rotary positions the tokens sit at positions -m..-1, just
+    before the input's 0..T-1, so a causal model with this prefix computes exactly what the base model
+    computes for the phrase followed by the input (absolute-position models read them at 0..m-1).
+    """
+    m = ids.shape[0]
+    pos = torch.arange(-m, 0).unsqueeze(0) if rotary(model) else None  # (1, m)
     calls, seen = [], []
-    for mod, _, k, v in record_attention(model, ids.unsqueeze(0)):
+    for mod, _, k, v in record_attention(model, ids.unsqueeze(0), pos):
         if all(mod is not s for s in seen):
             seen.append(mod)
             calls.append(torch.stack([k[0], v[0]]))  # (2, K, m, hd)
@@ -399,14 +498,17 @@ def _inject_prefix(model: nn.Module, config: PrefixConfig, name: str) -> None:
                          "use a much shorter prefix (e.g. 16)")
     if config.projection and config.init != "random" and config.projection_hidden < m:
         raise ValueError(f"init={config.init!r} with projection needs projection_hidden >= num_virtual_tokens "
-                         f"({config.projection_hidden} < {m}) for the MLP to reproduce the text's keys and values")
+                         f"({config.projection_hidden} < {m}) for the MLP to reproduce real tokens' keys and values: "
+                         f"raise projection_hidden to at least {m}, or use projection=False")
     sites, heads, head_dim = attention_sites(model)  # every check runs before the model changes
     plan = _find_saves(model, config.modules_to_save)
     device, dtype = adapter_dtype(model)
     enc = PrefixEncoder(len(sites), heads, head_dim, m, model.config.hidden_size,
                         config.projection_hidden if config.projection else None, device=device, dtype=dtype)
-    if config.init != "random":
-        enc.load_flat(text_prefix(model, text_ids(model, config, m)).to(device, dtype))
+    if config.init != "random":  # the base model's own keys/values for m real tokens; MLP solved to match
+        ids = init_ids(model, config, m)
+        enc.load_flat(text_prefix(model, ids).to(device, dtype))
+        enc.init_ids = ids
     add_saves(model, config.modules_to_save, name, plan)
     if CONTAINER not in model._modules:
         model.add_module(CONTAINER, nn.ModuleDict())

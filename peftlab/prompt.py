@@ -12,6 +12,11 @@ given ``position_ids`` by m. During cached generation the prompt is added once (
 cache then holds it) and later steps only get the mask and positions extended, so
 ``generate()`` works, greedy or sampling, batched with left padding. Causal-LM logits
 come back with m extra leading positions. Explained in notebooks/04_prefix_tuning.ipynb.
+
+Initialisation (``PromptTuningConfig.init``): by default the input embeddings of real tokens,
+a neutral phrase (``peftlab.prefix.DEFAULT_PHRASE``) read with the model's tokenizer, or
+m seeded vocabulary samples without one, so that step 0 is the base model reading a few
+real words first; ``"random"`` (N(0, std^2) at the embedding matrix's std) only on request.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 from .config import PromptTuningConfig
 from .inject import MethodHooks, register_method
 from .prefix import (adapter_dtype, add_saves, delete_saves, mark_saves, position_limit, refuse_unload,
-                     text_ids, _find_saves)
+                     init_ids, _find_saves)
 
 __all__ = ["PromptEncoder"]
 
@@ -38,6 +43,7 @@ class PromptEncoder(nn.Module):
     def __init__(self, num_virtual_tokens: int, hidden_size: int, std: float = 1.0, *, device=None, dtype=None):
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
+        self.init_ids: torch.Tensor | None = None  # the token ids the prompt was initialised from (not saved)
         self.prompt_embedding = nn.Parameter(torch.randn(num_virtual_tokens, hidden_size, device=device,
                                                          dtype=dtype) * std)  # (m, d)
 
@@ -116,11 +122,13 @@ def _inject_prompt(model: nn.Module, config: PromptTuningConfig, name: str) -> N
         raise TypeError(f"{type(model).__name__} has no input embedding matrix: prompt tuning needs one")
     plan = _find_saves(model, config.modules_to_save)
     device, dtype = adapter_dtype(model)
-    std = float(emb.weight.detach().float().std())  # random prompts on the scale of real embeddings
+    std = float(emb.weight.detach().float().std())  # init="random": on the scale of real embeddings
     enc = PromptEncoder(m, emb.weight.shape[1], std, device=device, dtype=dtype)
-    if config.init != "random":
+    if config.init != "random":  # the input embeddings of m real tokens (a neutral phrase, sampled ids or words)
+        ids = init_ids(model, config, m)
         with torch.no_grad():
-            enc.prompt_embedding.copy_(emb(text_ids(model, config, m).to(device)))  # (m, d)
+            enc.prompt_embedding.copy_(emb(ids.to(device)))  # (m, d), as the input's tokens are embedded
+        enc.init_ids = ids
     add_saves(model, config.modules_to_save, name, plan)
     if CONTAINER not in model._modules:
         model.add_module(CONTAINER, nn.ModuleDict())

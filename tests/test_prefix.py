@@ -15,10 +15,11 @@ from transformers import (BertConfig, BertForSequenceClassification, DistilBertC
                           LlamaForCausalLM, RobertaConfig, RobertaForSequenceClassification)
 
 from peftlab import runtime
-from peftlab.config import PrefixConfig, PromptTuningConfig
+from peftlab.config import LoRAConfig, PrefixConfig, PromptTuningConfig
 from peftlab.inject import configs, count_parameters, delete, disabled, inject, merge, set_active, unload
 from peftlab.io import load_adapter, save_adapter
-from peftlab.prefix import ATTN_NAME, PrefixEncoder, extend_mask, prefix_attention, prefix_visible, record_attention
+from peftlab.prefix import (ATTN_NAME, PrefixEncoder, extend_mask, prefix_attention, prefix_visible, record_attention,
+                            text_prefix, vocab_ids)
 
 DEVICE = runtime.get_device(os.environ.get("PEFTLAB_DEVICE", "cpu"))
 M = 3  # virtual tokens in most tests
@@ -317,6 +318,182 @@ def test_text_init_uses_the_frozen_models_keys_and_values():
                                model.get_input_embeddings()(torch.tensor(want, device=DEVICE)))
 
 
+# -- initialisation: the default starts at the base model ---------------------------------------
+def _with_tokens_first(model, tokens, ids, mask, positions=None):
+    """Base logits for ``tokens`` (m,) read before every row of ``ids``, at the input's positions."""
+    m = tokens.shape[0]
+    both = torch.cat([tokens.to(DEVICE).expand(ids.shape[0], m), ids], 1)  # (B, m + T)
+    ext = torch.cat([torch.ones_like(mask[:, :m]).expand(ids.shape[0], m), mask], 1)
+    with disabled(model), torch.no_grad():
+        return model(input_ids=both, attention_mask=ext, position_ids=positions).logits[:, m:]  # (B, T, V)
+
+
+def test_default_config_init_is_real_tokens_and_random_is_explicit():
+    assert PrefixConfig().init == "auto" and PromptTuningConfig().init == "auto"
+    for init in ("auto", "vocab", "random", "text:hello there"):
+        assert PrefixConfig(init=init).init == PromptTuningConfig(init=init).init == init
+    for bad in ("Random", "text:  ", "zeros", None):
+        with pytest.raises(ValueError, match=r'init must be "auto", "vocab", "text:<some words>" or "random"'):
+            PrefixConfig(init=bad)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_default_prefix_on_a_rotary_decoder_is_the_base_model_reading_the_tokens_first(projection):
+    """Llama: prefix keys computed at positions -m..-1, so step 0 equals the base model on [tokens; input]."""
+    model = _build("llama")
+    ids, mask = _batch("right")
+    inject(model, PrefixConfig(num_virtual_tokens=M, projection=projection, projection_hidden=8), "p")
+    tokens = model.prefix_tuning["p"].init_ids  # no tokenizer for a random model: seeded vocabulary samples
+    assert tokens.shape == (M,) and torch.equal(tokens, vocab_ids(model, M))
+    want = _with_tokens_first(model, tokens, ids, mask)
+    torch.testing.assert_close(_out(model, ids, mask)[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_default_prefix_on_gpt2_is_the_base_model_reading_the_tokens_first():
+    """GPT-2 (learned absolute positions): the same, once the input is numbered from m as in the probe."""
+    model = _build("gpt2")
+    ids, mask = _batch("right")
+    inject(model, PrefixConfig(num_virtual_tokens=M, projection=False), "p")
+    tokens = model.prefix_tuning["p"].init_ids
+    shifted = torch.arange(M, M + ids.shape[1], device=DEVICE).expand_as(ids)
+    full = torch.arange(M + ids.shape[1], device=DEVICE).expand(ids.shape[0], -1)
+    want = _with_tokens_first(model, tokens, ids, mask, positions=full)
+    got = _out(model, ids, mask, position_ids=shifted)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "gpt2", "llama"])
+def test_default_prefix_changes_outputs_far_less_than_random(kind):
+    """Step 0 relative change of the last hidden states; measured default / random: bert 0.13, roberta 0.10,
+    distilbert 0.20, gpt2 0.23, llama 0.57 (tiny random models attend almost uniformly, so the causal ones'
+    first positions change a lot under any prefix; the exact tests above pin the decoders down)."""
+    model = _build(kind)
+    ids, mask = _batch("right")
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+
+    def change(init):
+        torch.manual_seed(0)
+        m = inject(copy.deepcopy(model), PrefixConfig(num_virtual_tokens=M, projection=False, init=init), "p")
+        with torch.no_grad():
+            h = m(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        return float(((h - base).norm(dim=-1) / base.norm(dim=-1))[mask.bool()].mean())
+
+    default, rand = change("auto"), change("random")
+    assert 0 < default < (0.8 if kind == "llama" else 0.35) * rand
+    if kind in ("bert", "roberta", "distilbert"):
+        assert default < 0.01  # random: 0.025-0.031
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_fresh_prefix_takes_no_more_than_its_share_of_attention(kind):
+    """Prefix columns come first; a real-token prefix is attended about like m more real tokens:
+    share <= 1.1 * m / (m + visible real keys) (tiny random models: measured 1.00x)."""
+    model = inject(_build(kind), PrefixConfig(num_virtual_tokens=M), "p")
+    ids, mask = _batch("right")
+    with torch.no_grad():
+        att = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    keep = mask.bool()
+    visible = (mask.cumsum(1) if kind == "llama" else mask.sum(1, keepdim=True).expand_as(mask)).float()
+    fair = float((M / (M + visible))[keep].mean())
+    for a in att:
+        share = a[..., :M].sum(-1)  # (B, H, T)
+        assert 0.5 * fair < float(share[keep[:, None].expand_as(share)].mean()) < 1.1 * fair
+
+
+@pytest.mark.parametrize("first", ["lora", "prefix", "prompt"])
+def test_init_probe_runs_the_bare_model_whatever_is_active(first):
+    """The new prefix's keys/values are those of the bare model, even with another adapter active."""
+    bare = _build("llama")
+    model = copy.deepcopy(bare)
+    ids, mask = _batch()
+    base = _out(model, ids, mask)
+    if first == "lora":
+        inject(model, LoRAConfig(r=2, target_modules=("q_proj", "k_proj", "v_proj")), "a")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()  # a LoRA that changes keys and values
+    elif first == "prefix":
+        inject(model, PrefixConfig(num_virtual_tokens=2, init="random"), "a")
+    else:
+        inject(model, PromptTuningConfig(num_virtual_tokens=2), "a")
+    T = ids.shape[1]  # a causal LM's prompt-tuned logits come with 2 more leading positions
+    assert (_out(model, ids, mask)[:, -T:] - base).abs().max() > 1e-3  # the active adapter matters
+    for projection in (False, True):
+        name = f"new{int(projection)}"
+        inject(model, PrefixConfig(num_virtual_tokens=M, projection=projection, projection_hidden=8), name)
+        enc = model.prefix_tuning[name]
+        torch.testing.assert_close(enc.flat(), text_prefix(bare, enc.init_ids), atol=1e-5, rtol=1e-5)
+        set_active(model, "a")  # the next one is injected while "a" is active again
+    assert all(not getattr(mod, "disabled", False) for mod in model.modules())  # the probe switched them back on
+    set_active(model, "a")
+    assert (_out(model, ids, mask)[:, -T:] - base).abs().max() > 1e-3
+
+
+def test_mlp_default_init_reproduces_the_flat_prefix_and_merges_exactly():
+    model = _build("bert")
+    ids, mask = _batch()
+    flat = inject(copy.deepcopy(model), PrefixConfig(num_virtual_tokens=M, projection=False), "p")
+    inject(model, PrefixConfig(num_virtual_tokens=M, projection_hidden=8), "p")
+    enc = model.prefix_tuning["p"]
+    assert enc.projected and torch.equal(enc.init_ids, flat.prefix_tuning["p"].init_ids)
+    target = flat.prefix_tuning["p"].prefix_keys_values
+    torch.testing.assert_close(enc.flat(), target, atol=1e-5, rtol=1e-5)  # last layer solved by load_flat
+    torch.testing.assert_close(_out(model, ids, mask), _out(flat, ids, mask), atol=1e-5, rtol=1e-5)
+    for p in enc.parameters():  # after some training the MLP no longer reproduces the text; merge must stay exact
+        p.data.add_(0.05 * torch.randn_like(p))
+    produced, before = enc.flat().detach().clone(), _out(model, ids, mask)
+    merge(model)
+    assert not enc.projected and torch.equal(enc.prefix_keys_values, produced)
+    torch.testing.assert_close(_out(model, ids, mask), before, atol=1e-6, rtol=1e-6)
+
+
+def test_random_init_is_still_available_and_far_from_the_base():
+    torch.manual_seed(0)
+    model = inject(_build("llama"), PrefixConfig(num_virtual_tokens=8, projection=False, init="random"), "p")
+    enc = model.prefix_tuning["p"]
+    assert enc.init_ids is None and abs(float(enc.prefix_keys_values.std()) - 1) < 0.1  # N(0, 1)
+    own = text_prefix(model, vocab_ids(model, 8))
+    assert float(enc.prefix_keys_values.std()) > 5 * float(own.std())  # ~12x the model's own scale
+    p = inject(_build("llama"), PromptTuningConfig(num_virtual_tokens=8, init="random"), "q")
+    assert p.prompt_tuning["q"].init_ids is None
+    emb = p.get_input_embeddings().weight
+    assert 0.5 < float(p.prompt_tuning["q"].prompt_embedding.std() / emb.std()) < 2
+    assert not any(torch.equal(row, e) for row in p.prompt_tuning["q"].prompt_embedding for e in emb)
+
+
+def test_vocab_ids_are_seeded_in_range_and_skip_special_tokens():
+    model = _build("gpt2")
+    model.config.eos_token_id = model.config.bos_token_id = 77  # the tiny vocabulary's "special" id
+    state = torch.random.get_rng_state()
+    ids = vocab_ids(model, 60)
+    assert torch.equal(torch.random.get_rng_state(), state)  # own generator: the global RNG is untouched
+    assert torch.equal(ids, vocab_ids(model, 60)) and not torch.equal(ids, vocab_ids(model, 60, seed=1))
+    assert len(set(ids.tolist())) == 60 and ids.min() >= 10 and ids.max() < 101  # skips vocab // 10 ids
+    assert 77 not in ids.tolist() and 0 not in ids.tolist()
+    assert vocab_ids(model, 200).shape == (200,)  # more than the vocabulary holds: drawn with replacement
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=8, num_attention_heads=2, num_hidden_layers=1,
+                                       intermediate_size=8))
+    assert vocab_ids(big, 500).min() >= 1000  # special, unused and byte tokens sit below 1000 in real vocabularies
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_default_prompt_is_real_token_embeddings(kind):
+    model = _build(kind)
+    inject(model, PromptTuningConfig(num_virtual_tokens=M), "q")
+    enc = model.prompt_tuning["q"]
+    assert torch.equal(enc.init_ids, vocab_ids(model, M))
+    torch.testing.assert_close(enc.prompt_embedding, model.get_input_embeddings()(enc.init_ids.to(DEVICE)))
+    if kind == "llama":  # prompt tuning from tokens == the base model reading them == prefix-tuning from them
+        ids, mask = _batch("right")
+        got = _out(model, ids, mask)[:, M:]
+        want = _with_tokens_first(model, enc.init_ids, ids, mask)
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+        inject(model, PrefixConfig(num_virtual_tokens=M, projection=False), "p")
+        torch.testing.assert_close(_out(model, ids, mask)[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
 # -- prompt tuning ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_prompt_tuning_equals_prepending_embeddings_by_hand(kind):
@@ -405,9 +582,11 @@ def test_bad_projection_and_init():
         PrefixConfig(init="text:")
     model = _build("bert")
     snap = _snapshot(model)
-    with pytest.raises(ValueError, match="projection_hidden >= num_virtual_tokens"):
-        inject(model, PrefixConfig(num_virtual_tokens=8, projection_hidden=4, init="text:hello"), "p")
+    for init in ("text:hello", "auto", "vocab"):  # the MLP cannot reproduce 8 real tokens through 4 units
+        with pytest.raises(ValueError, match="projection_hidden >= num_virtual_tokens"):
+            inject(model, PrefixConfig(num_virtual_tokens=8, projection_hidden=4, init=init), "p")
     _unchanged(model, snap)
+    inject(model, PrefixConfig(num_virtual_tokens=8, projection_hidden=4, init="random"), "p")  # nothing to solve
 
 
 @pytest.mark.parametrize("cls", [PrefixConfig, PromptTuningConfig])
