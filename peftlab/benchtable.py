@@ -261,6 +261,7 @@ def run_bench(settings: BenchSettings, methods: tuple[str, ...] | None = None,
               output: Path | None = None, log=print, command: str = "peftlab bench") -> dict:
     """Every (method, seed) in a fresh subprocess, then the step timing; write benchmark.md/.json."""
     from peftlab.methods import METHODS
+    from peftlab.runtime import physical_cores
 
     methods = methods or METHODS
     unknown = [m for m in methods if m not in METHODS]
@@ -295,18 +296,12 @@ def run_bench(settings: BenchSettings, methods: tuple[str, ...] | None = None,
 
     data = {"command": command, "settings": asdict(settings), "seconds": time.perf_counter() - start,
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                        "cpu_threads": settings.threads or _threads(), "cpus": os.cpu_count(),
+                        "cpu_threads": settings.threads or physical_cores(), "cpus": os.cpu_count(),
                         "platform": platform.platform()},
             "timing": timing, "rows": rows}
     (output / "benchmark.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     (output / "benchmark.md").write_text(format_markdown(data), encoding="utf-8")
     return data
-
-
-def _threads() -> int:
-    from peftlab.runtime import physical_cores
-
-    return physical_cores()
 
 
 def _size(n: int) -> str:

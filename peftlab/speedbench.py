@@ -113,6 +113,8 @@ def _child(variant: str, quick: bool, seed: int) -> dict:
 
 def bench_speed(quick: bool = False, rounds: int = 1, seed: int = 0, log=print) -> dict:
     """Run both variants in fresh processes (order A B, B A, ... for ``rounds``) and compare."""
+    from peftlab.runtime import use_physical_cores
+
     order = []
     for r in range(rounds):
         order += list(VARIANTS if r % 2 == 0 else reversed(VARIANTS))
@@ -130,20 +132,11 @@ def bench_speed(quick: bool = False, rounds: int = 1, seed: int = 0, log=print) 
     return {"settings": {"lr": LR, "batch": BATCH, "max_length": LENGTH, "r": RANK, "alpha": ALPHA,
                          "warmup": WARMUP, "weight_decay": WEIGHT_DECAY, "max_grad_norm": CLIP,
                          "epochs": 1, "quick": quick, "rounds": rounds, "seed": seed,
-                         "threads": _threads()},
+                         "threads": use_physical_cores()},
             "runs": runs, "mean": mean, "time_ratio": ratio,
             "train_time_ratio": mean["peftlab"]["train_s"] / mean["hf"]["train_s"],
             "targets": {"time_ratio <= 0.6": ratio <= 0.6,
                         "peftlab accuracy >= 0.83": mean["peftlab"]["accuracy"] >= 0.83}}
-
-
-def _threads() -> int:
-    import torch
-
-    from peftlab.runtime import use_physical_cores
-
-    use_physical_cores()
-    return torch.get_num_threads()
 
 
 def format_speed(result: dict) -> str:
