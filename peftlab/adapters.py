@@ -32,8 +32,8 @@ child per hooked module, ``adapter_attn`` / ``adapter_ffn`` / ``adapter_par`` (a
 read from the root model (``peftlab.set_active`` / ``peftlab.disabled``), as for prefix-tuning.
 
 Files (:func:`peftlab.save_adapter`): ``adapter_config.json`` (``{"format": "peftlab-adapter",
-"peftlab": {"format_version", "adapter_name", "config"}, "model_type", "hidden_size",
-"num_layers", "bottleneck"}``) and ``adapter_model.safetensors`` with keys
+"model_type", "hidden_size", "num_layers", "bottleneck"}``), ``peftlab_adapter.json``
+(``{"format_version", "adapter_name", "config"}``) and ``adapter_model.safetensors`` with keys
 ``layers.<i>.<attn|ffn|par>.<W_down|b_down|W_up|b_up>`` and
 ``modules_to_save.<module path>.<tensor>``. Explained in notebooks/05_adapters.ipynb.
 """
@@ -53,7 +53,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .inject import MethodHooks, configs, inject, register_method
-from .io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, register_io
+from .io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_json, register_io
 from .prefix import add_saves, delete_saves, mark_saves
 from .wrappers import ModulesToSaveWrapper
 
@@ -346,9 +346,9 @@ def _save(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
 def _load(model: nn.Module, d: Path, name: str) -> nn.Module:
     """Check everything against ``model``, then inject adapter ``name`` and copy the tensors in."""
     try:
-        raw = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
+        raw = read_adapter_json(d)
         config = AdapterConfig.from_dict(raw["peftlab"]["config"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OSError) as exc:
         raise ValueError(f"{d / CONFIG_NAME} is not a valid peftlab adapter config ({exc}): save it again") from exc
     try:
         tensors = load_file(str(d / WEIGHTS_NAME), device="cpu")

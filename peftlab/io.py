@@ -39,9 +39,14 @@ from .lora import LoRALinear
 from .targets import checked_plan, find_modules, walk
 from .wrappers import ModulesToSaveWrapper
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter_json", "CONFIG_NAME",
+           "WEIGHTS_NAME", "PEFTLAB_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
+# peftlab's own record of an adapter (format version, name, full config, shapes) lives beside
+# adapter_config.json, not inside it: HF peft warns about (and tells users to upgrade for) any
+# key of adapter_config.json it does not know.
+PEFTLAB_NAME = "peftlab_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft's prefix: PeftModel.base_model (LoraModel).model
 FORMAT_VERSION = 1
@@ -58,13 +63,23 @@ def register_io(config_cls: type, saver: Callable, loader: Callable) -> None:
     _LOADERS[config_cls.method] = loader
 
 
-def _method_of(path: Path) -> str | None:
-    """The peftlab method an adapter_config.json describes, if it is not LoRA's business."""
+def read_adapter_json(directory: str | os.PathLike) -> dict:
+    """``adapter_config.json`` of ``directory`` with peftlab's record (``peftlab_adapter.json``,
+    when present) under the key ``"peftlab"``; raises ``json.JSONDecodeError`` / ``OSError``."""
+    d = Path(directory)
+    raw = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
+    if isinstance(raw, dict) and (d / PEFTLAB_NAME).is_file():
+        raw["peftlab"] = json.loads((d / PEFTLAB_NAME).read_text(encoding="utf-8"))
+    return raw
+
+
+def _method_of(d: Path) -> str | None:
+    """The peftlab method the adapter in ``d`` holds, if it is not LoRA's business."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = read_adapter_json(d)
         ours = raw.get("peftlab", {}).get("config", {}).get("method") if isinstance(raw.get("peftlab"), dict) else None
         return ours or _PEFT_TYPES.get(raw.get("peft_type"))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, OSError):
         return None  # the LoRA path reports the problem
 
 
@@ -158,10 +173,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
+        meta = dict(meta)
+        for file, content in ((CONFIG_NAME, meta), (PEFTLAB_NAME, meta.pop("peftlab", None))):
+            if content is None:
+                continue
+            with open(tmp / file, "w", encoding="utf-8") as fh:
+                json.dump(content, fh, indent=2, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
             os.rename(target, old)
@@ -179,10 +198,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     return target
 
 
-def _read_config(path: Path) -> tuple[LoRAConfig, bool]:
-    """Parse adapter_config.json -> (config, written_by_peftlab)."""
+def _read_config(d: Path) -> tuple[LoRAConfig, bool]:
+    """Parse the adapter's JSON -> (config, written_by_peftlab)."""
+    path = d / CONFIG_NAME
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = read_adapter_json(d)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}): the adapter directory is corrupt, save it again") from exc
     if not isinstance(raw, dict):
@@ -257,10 +277,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         raise FileNotFoundError(f"{d / WEIGHTS_NAME} is missing: the adapter directory is incomplete")
     if not (d / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{d / CONFIG_NAME} is missing: the adapter directory is incomplete")
-    loader = _LOADERS.get(_method_of(d / CONFIG_NAME))
+    loader = _LOADERS.get(_method_of(d))
     if loader is not None:  # prefix / prompt tuning read their own files
         return loader(model, d, name)
-    config, ours = _read_config(d / CONFIG_NAME)
+    config, ours = _read_config(d)
     if not ours and config.modules_to_save:  # peft lists heads (e.g. "score") that may not exist in this model
         present = tuple(k for k in config.modules_to_save if k not in find_modules(model, config).unmatched_saves)
         config = dataclasses.replace(config, modules_to_save=present)

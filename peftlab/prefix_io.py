@@ -13,8 +13,8 @@ For causal LMs without ``modules_to_save`` the JSON is also a valid HF peft conf
 (``PREFIX_TUNING`` / ``PROMPT_TUNING``), so ``peft.PeftModel.from_pretrained`` loads the
 directory; otherwise (encoders, HF peft cannot run prefix-tuning on them under
 transformers 5) the JSON says ``"format": "peftlab-prefix"`` / ``"peftlab-prompt"``.
-Either way ``"peftlab"`` holds the format version, the adapter name, the peftlab config
-and the shapes. Explained in notebooks/04_prefix_tuning.ipynb, section "Saving".
+Either way ``peftlab_adapter.json`` holds the format version, the adapter name, the peftlab
+config and the shapes. Explained in notebooks/04_prefix_tuning.ipynb, section "Saving".
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 from . import prefix, prompt
 from .config import PrefixConfig, PromptTuningConfig
 from .inject import configs, inject
-from .io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, register_io
+from .io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_json, register_io
 from .targets import walk
 from .wrappers import ModulesToSaveWrapper
 
@@ -98,7 +98,7 @@ def _save_prompt(model: nn.Module, name: str) -> tuple[dict, dict]:
 def _read(d: Path, cls: type, peft_type: str) -> tuple[object, dict, dict[str, torch.Tensor]]:
     """(config to inject, raw JSON, tensors), read and checked without touching the model."""
     try:
-        raw = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
+        raw = read_adapter_json(d)
         tensors = load_file(str(d / WEIGHTS_NAME), device="cpu")
     except (UnicodeDecodeError, json.JSONDecodeError, SafetensorError, OSError) as exc:
         raise ValueError(f"{d} cannot be read ({exc}): the adapter directory is corrupt, save it again") from exc

@@ -32,45 +32,53 @@ def _encoder(model):
 
 
 @torch.inference_mode()
-def pooled_features(model, data, pooling: str = "mean", batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def pooled_features(model, data, pooling: str | tuple[str, ...] = "mean", batch_size: int = 128):
     """Features (N, d) and labels (N,) of a tokenised dataset, in the dataset's row order.
 
     ``mean``: average of the last layer's token vectors over the real (unpadded) tokens;
     ``cls``: the last layer's first-token vector; ``pooler``: BERT's pooler output
     (tanh(W h_cls + b)), what ``BertForSequenceClassification`` feeds its head.
+    A tuple of poolings, e.g. ``("pooler", "mean")``, computes all of them in one pass over the
+    data and returns ``{pooling: (features, labels)}``.
     """
     from peftlab.metrics import as_loader
 
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    wanted = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    bad = [p for p in wanted if p not in POOLINGS]
+    if bad or not wanted:
+        raise ValueError(f"pooling must be one of {POOLINGS} (or a tuple of them), got {pooling!r}")
     encoder = _encoder(model)
-    if pooling == "pooler" and getattr(encoder, "pooler", None) is None:
+    if "pooler" in wanted and getattr(encoder, "pooler", None) is None:
         raise ValueError(f"{type(encoder).__name__} has no pooler: use pooling='mean' or 'cls'")
     pad = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     loader = as_loader(data, batch_size, pad_token_id=pad)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    feats, labels, order = [], [], []
+    feats: dict[str, list[torch.Tensor]] = {p: [] for p in wanted}
+    labels, order = [], []
     try:
         for idx, batch in zip(loader.batch_sampler, loader):
             mask = batch["attention_mask"].to(device)  # (B, T)
             out = encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask)
             hidden = out.last_hidden_state  # (B, T, d)
-            if pooling == "mean":
-                w = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-                vec = (hidden * w).sum(1) / w.sum(1).clamp(min=1)  # (B, d)
-            elif pooling == "cls":
-                vec = hidden[:, 0]  # (B, d)
-            else:
-                vec = out.pooler_output  # (B, d)
-            feats.append(vec.float().cpu())
+            for p in wanted:
+                if p == "mean":
+                    w = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+                    vec = (hidden * w).sum(1) / w.sum(1).clamp(min=1)  # (B, d)
+                elif p == "cls":
+                    vec = hidden[:, 0]  # (B, d)
+                else:
+                    vec = out.pooler_output  # (B, d)
+                feats[p].append(vec.float().cpu())
             labels.append(batch["labels"])
             order += list(idx)
     finally:
         model.train(was_training)
     inverse = np.argsort(np.asarray(order))  # back to the dataset's row order
-    return torch.cat(feats).numpy()[inverse], torch.cat(labels).numpy()[inverse]
+    y = torch.cat(labels).numpy()[inverse]
+    found = {p: (torch.cat(v).numpy()[inverse], y) for p, v in feats.items()}
+    return found[pooling] if isinstance(pooling, str) else found
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,

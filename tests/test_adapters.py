@@ -291,8 +291,10 @@ def test_save_load_exact(tmp_path, kind):
     want = out(model, x)
     save_adapter(model, tmp_path / "s", "s")
     meta = json.loads((tmp_path / "s" / "adapter_config.json").read_text())
-    assert meta["format"] == "peftlab-adapter" and meta["peftlab"]["config"]["method"] == "adapter"
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    ours = json.loads((tmp_path / "s" / "peftlab_adapter.json").read_text())
+    assert meta["format"] == "peftlab-adapter" and ours["config"]["method"] == "adapter"
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                "peftlab_adapter.json"]
     fresh = tiny(kind)
     load_adapter(fresh, tmp_path / "s", "task")
     assert torch.equal(out(fresh, x), want)

@@ -37,7 +37,7 @@ def test_roundtrip_is_exact(tmp_path):
         model.bert.encoder.layer[0].attention.self.query.base_layer.bias.add_(0.5)
     x = ids()
     path = save_adapter(model, tmp_path / "adapter")
-    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors", "peftlab_adapter.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp dirs left behind
     fresh = load_adapter(clone(base), path)
     ours, theirs = adapter_state_dict(model), adapter_state_dict(fresh)
@@ -61,7 +61,9 @@ def test_file_holds_only_adapter_tensors(tmp_path):
     meta = json.loads((path / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA" and meta["task_type"] == "SEQ_CLS" and meta["r"] == 4
     assert meta["lora_alpha"] == 8 and meta["target_modules"] == ["query", "value"]
-    assert meta["modules_to_save"] == ["classifier"] and meta["peftlab"]["config"]["method"] == "lora"
+    assert meta["modules_to_save"] == ["classifier"] and "peftlab" not in meta  # peft warns on unknown keys
+    ours = json.loads((path / "peftlab_adapter.json").read_text())
+    assert ours["config"]["method"] == "lora" and ours["adapter_name"] == "default"
 
 
 @pytest.mark.parametrize("kind, mts", [("bert", ("classifier",)), ("gpt2", ()), ("llama", ()), ("distilbert", ())])
@@ -69,9 +71,11 @@ def test_peft_loads_peftlab_adapter(tmp_path, kind, mts):
     base, model = _adapted(kind, modules_to_save=mts)
     x = ids()
     save_adapter(model, tmp_path / "a")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         pm = peft.PeftModel.from_pretrained(clone(base), tmp_path / "a").eval()
+    # peft advises "pip install -U peft" when adapter_config.json has keys it does not know
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)], [str(w.message) for w in caught]
     assert (out(pm, x) - out(model, x)).abs().max() <= 1e-5
     assert (out(model, x) - out(base, x)).abs().max() > 1e-4
 

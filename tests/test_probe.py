@@ -30,6 +30,12 @@ def test_cls_and_pooler_features_are_what_the_head_sees():
         out = model.bert(input_ids=ids)
     np.testing.assert_allclose(cls[3], out.last_hidden_state[0, 0].numpy(), atol=1e-5)
     np.testing.assert_allclose(pooled[3], out.pooler_output[0].numpy(), atol=1e-5)
+    both = pooled_features(model, data, ("cls", "pooler"), batch_size=3)  # one pass, several poolings
+    assert set(both) == {"cls", "pooler"}
+    np.testing.assert_allclose(both["cls"][0], cls, atol=1e-6)
+    np.testing.assert_allclose(both["pooler"][0], pooled, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pooled_features(model, data, ("mean", "max"))
 
 
 def test_linear_probe_separates_separable_features_and_rejects_bad_input():
