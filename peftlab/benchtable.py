@@ -55,7 +55,7 @@ WARMUP = 0.06  # share of the steps
 class BenchSettings:
     """The one budget every method gets."""
 
-    epochs: int = 1  # full passes over the training split (LoRA, adapters and full FT level off within one)
+    epochs: int = 1  # full passes over the training split
     max_steps: int | None = None  # set only to cut runs short (quick mode)
     batch_size: int = 32  # examples per step
     max_length: int = 64  # tokens per sentence (Rotten Tomatoes sentences are ~27 tokens)
