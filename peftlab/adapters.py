@@ -40,7 +40,6 @@ Files (:func:`peftlab.save_adapter`): ``adapter_config.json`` (``{"format": "pef
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

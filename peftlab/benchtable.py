@@ -360,14 +360,10 @@ def _child(argv: list[str]) -> None:
     Path(args.out).write_text(json.dumps(found), encoding="utf-8")
 
 
-if __name__ == "__main__":
-    _child(sys.argv[1:])
-
-
 def reference(path: Path | None = None) -> tuple[dict[str, dict], str]:
     """The course's stored table: rows by method, and the budget they were trained with, in words.
 
-    Notebooks print these next to their own short live runs (``notebooks/03``–``06``).
+    Notebooks 01, 02 and 04–08 print these next to their own short live runs.
     """
     path = Path(path) if path else default_output() / "benchmark.json"
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -379,3 +375,7 @@ def reference(path: Path | None = None) -> tuple[dict[str, dict], str]:
     spread = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
     text = f"{budget} x batch {s['batch_size']}, test accuracy, {spread}"
     return {r["method"]: r for r in data["rows"]}, text
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

@@ -174,9 +174,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         meta = dict(meta)
-        for file, content in ((CONFIG_NAME, meta), (PEFTLAB_NAME, meta.pop("peftlab", None))):
-            if content is None:
-                continue
+        record = meta.pop("peftlab", None)  # peftlab's own record goes to its own file
+        files = [(CONFIG_NAME, meta)] + ([(PEFTLAB_NAME, record)] if record is not None else [])
+        for file, content in files:
             with open(tmp / file, "w", encoding="utf-8") as fh:
                 json.dump(content, fh, indent=2, sort_keys=True)
                 fh.flush()
