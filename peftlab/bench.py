@@ -1,7 +1,9 @@
 """Benchmarks: ``python -m peftlab.bench lora [--device cuda] [--bf16] [--json PATH]``.
 
 ``python -m peftlab.bench speed [--rounds 2] [--json PATH]`` times the training loop against
-HF Trainer + peft (``peftlab.speedbench``).
+HF Trainer + peft (``peftlab.speedbench``); ``python -m peftlab.bench e2e [--seeds 0,1]``
+trains prefix-tuning and LoRA on SmolLM2 / E2E at one budget and scores BLEU
+(``peftlab.e2ebench``).
 
 The LoRA benchmark (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
 Models") measures, in one run on MiniLM sequence classification (r=8 on
@@ -322,9 +324,10 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftlab.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("which", choices=["lora", "speed", "_mem"], help="benchmark to run")
+    parser.add_argument("which", choices=["lora", "speed", "e2e", "_mem"], help="benchmark to run")
     parser.add_argument("--rounds", type=int, default=1, help="speed: rounds of the A B / B A order")
-    parser.add_argument("--quick", action="store_true", help="speed: a small subset (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="speed, e2e: a small subset (a smoke test)")
+    parser.add_argument("--seeds", default="0,1", help="e2e: comma-separated seeds, e.g. 0,1")
     parser.add_argument("kind", nargs="?", default="lora", help=argparse.SUPPRESS)  # for the _mem child
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (meant for CUDA)")
@@ -346,6 +349,22 @@ def main(argv: list[str] | None = None) -> int:
         print(format_speed(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
+        return 0
+    if args.which == "e2e":
+        from .e2ebench import bench_e2e, default_path, format_e2e
+
+        try:
+            seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated integers such as 0,1; got {args.seeds!r}")
+        result = bench_e2e(seeds=seeds, quick=args.quick)
+        table = format_e2e(result)
+        print(table)
+        out = args.json or (None if args.quick else default_path())
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2))
+            out.with_suffix(".md").write_text(table + "\n")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch.cuda.is_available() is False")

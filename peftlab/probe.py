@@ -82,11 +82,13 @@ def pooled_features(model, data, pooling: str | tuple[str, ...] = "mean", batch_
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 seed: int = 0, strengths=(0.01, 0.1, 1.0, 10.0, 100.0)) -> dict[str, float]:
+                 seed: int = 0, strengths=(0.01, 0.1, 1.0, 10.0)) -> dict[str, float]:
     """Fit logistic regression on frozen features; return test accuracy, F1 and the chosen C.
 
     C (inverse L2 strength) is chosen on a stratified 10 % of the training features, then the
     probe is refitted on all of them. Features are standardised with the training statistics.
+    The default grid stops at C = 10: weaker regularisation costs lbfgs hundreds of iterations on
+    MiniLM's pooler features and did not raise validation accuracy (notebook 03).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split

@@ -43,7 +43,7 @@ def test_linear_probe_separates_separable_features_and_rejects_bad_input():
     y = np.arange(200) % 2
     x = rng.normal(size=(200, 5)) + 3.0 * y[:, None]  # two well-separated clouds
     res = linear_probe(x[:150], y[:150], x[150:], y[150:])
-    assert res["accuracy"] > 0.95 and res["C"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+    assert res["accuracy"] > 0.95 and res["C"] in (0.01, 0.1, 1.0, 10.0)
     shuffled = linear_probe(x[:150], rng.permutation(y[:150]), x[150:], y[150:])
     assert shuffled["accuracy"] < 0.8  # labels unrelated to the features: no better than a coin, roughly
     with pytest.raises(ValueError, match="differ in length"):

@@ -1,0 +1,164 @@
+"""Table-to-text reference runs: ``python -m peftlab.bench e2e [--seeds 0,1] [--quick]``.
+
+Prefix-tuning (Li & Liang 2021) and LoRA (Hu et al. 2021) on the embedded SmolLM2-135M,
+trained on E2E NLG (Novikova et al. 2017) with the same budget: ``steps`` optimizer steps of
+``batch`` table/sentence pairs (loss on the sentence only, ``data.tokenize_e2e``), linear decay
+after a 10 % warm-up, each method at its own learning rate. Each (method, seed) runs in a fresh
+process. Scored on the first ``tables`` held-out test tables (every human reference of a table
+counts): greedy decoding with the KV cache, first line of the output, corpus BLEU and ROUGE-L
+(``peftlab.metrics``). The untouched base model is scored the same way once.
+
+Two seeds per method show whether the budget is long enough for a stable number (each seed
+draws other training pairs, in another order, and another initialisation); the spread is
+printed. Writes ``data/results/e2e.json`` and ``e2e.md``. Shown in
+``notebooks/04_prefix_tuning.ipynb`` next to its short live run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["E2E_METHODS", "bench_e2e", "format_e2e", "reference"]
+
+PREFIX_INIT = "text:Write one sentence describing the restaurant."
+# method -> (what is trained, learning rate); LoRA's rate is the one the classification table
+# uses, prefix-tuning's the one notebook 04 uses through its MLP
+E2E_METHODS = {
+    "prefix": ("prefix-tuning, 10 virtual tokens, MLP 128, text init", 5e-3),
+    "lora": ("LoRA r=8, alpha=16 on q_proj and v_proj", 2e-3),
+}
+BUDGET = {"steps": 100, "batch": 8, "tables": 60, "new_tokens": 40, "warmup": 0.1}
+QUICK_BUDGET = {"steps": 2, "batch": 2, "tables": 4, "new_tokens": 8, "warmup": 0.1}
+
+
+def _config(method: str):
+    from peftlab.config import LoRAConfig, PrefixConfig
+
+    if method == "prefix":
+        return PrefixConfig(num_virtual_tokens=10, projection=True, projection_hidden=128, init=PREFIX_INIT)
+    if method == "lora":
+        return LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
+    raise ValueError(f"unknown E2E method {method!r}: choose from {sorted(E2E_METHODS)}")
+
+
+def _score(model, tokenizer, test, budget: dict) -> dict:
+    from peftlab import data, metrics
+
+    tables, references = data.group_references(test)
+    tables, references = tables[:budget["tables"]], references[:budget["tables"]]
+    prompts = [data.e2e_prompt(t) for t in tables]
+    start = time.perf_counter()
+    texts = metrics.generate_texts(model, tokenizer, prompts, max_new_tokens=budget["new_tokens"])
+    hyps = [t.split("\n")[0].strip() for t in texts]
+    return {"bleu": metrics.bleu(hyps, references), "rouge_l": metrics.rouge_l(hyps, references),
+            "generate_s": time.perf_counter() - start, "examples": hyps[:3], "tables": len(tables)}
+
+
+def run_one(method: str, seed: int, budget: dict) -> dict:
+    """Train ``method`` (or score the base model, ``method="base"``) in this process."""
+    import peftlab
+    from peftlab import data
+    from peftlab.inject import count_parameters, inject, merge
+    from peftlab.train import TrainConfig, train
+
+    peftlab.runtime.use_physical_cores()
+    peftlab.seed_everything(seed)
+    model, tok = peftlab.load_model("smollm2", task="causal-lm")
+    e2e = peftlab.load_e2e(seed=seed)
+    if method == "base":
+        return {"method": "base", "seed": seed, **_score(model, tok, e2e["test"], budget)}
+    inject(model, _config(method), "e2e")
+    trainable = count_parameters(model).trainable
+    n = budget["steps"] * budget["batch"]
+    pairs = data.tokenize_e2e(e2e["train"].shuffle(seed=seed).select(range(n)), tok)
+    config = TrainConfig(lr=E2E_METHODS[method][1], batch_size=budget["batch"], max_steps=budget["steps"],
+                         warmup=budget["warmup"], metric="loss", seed=seed, progress=False)
+    result = train(model, pairs, config=config)
+    model.eval()
+    merge(model)  # LoRA folds into the weights; the prefix MLP folds into a flat prefix
+    return {"method": method, "seed": seed, "trainable": trainable, "lr": config.lr, "steps": result.steps,
+            "pairs": n, "train_pairs_total": len(e2e["train"]), "train_s": result.train_seconds,
+            "loss_first": result.history[0]["loss"], "loss_last": result.history[-1]["loss"],
+            **_score(model, tok, e2e["test"], budget)}
+
+
+def _child(method: str, seed: int, quick: bool) -> dict:
+    cmd = [sys.executable, "-m", "peftlab.e2ebench", "_child", method, str(seed), "1" if quick else "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"the E2E {method} run (seed {seed}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_e2e(seeds: tuple[int, ...] = (0, 1), methods: tuple[str, ...] = tuple(E2E_METHODS),
+              quick: bool = False, log=print) -> dict:
+    """Score the base model once, then train and score every (method, seed) in its own process."""
+    bad = [m for m in methods if m not in E2E_METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods={methods!r}: choose from {sorted(E2E_METHODS)}")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed, e.g. (0, 1)")
+    budget = QUICK_BUDGET if quick else BUDGET
+    start = time.perf_counter()
+    log("scoring the base model ...")
+    base = _child("base", seeds[0], quick)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for seed in seeds:
+        for method in methods:
+            log(f"training {method}, seed {seed} ...")
+            runs[method].append(_child(method, seed, quick))
+            r = runs[method][-1]
+            log(f"  {method} seed {seed}: BLEU {r['bleu']:.1f}, ROUGE-L {r['rouge_l']:.3f}, "
+                f"loss {r['loss_first']:.2f} -> {r['loss_last']:.2f}, {r['train_s']:.0f} s")
+    summary = {}
+    for method, rs in runs.items():
+        bleus = [r["bleu"] for r in rs]
+        summary[method] = {"label": E2E_METHODS[method][0], "lr": E2E_METHODS[method][1],
+                           "trainable": rs[0]["trainable"], "bleu_mean": statistics.fmean(bleus),
+                           "bleu_spread": max(bleus) - min(bleus), "bleu": bleus,
+                           "rouge_l_mean": statistics.fmean(r["rouge_l"] for r in rs),
+                           "train_s_mean": statistics.fmean(r["train_s"] for r in rs)}
+    return {"settings": {**budget, "seeds": list(seeds), "quick": quick, "model": "SmolLM2-135M-Instruct (fp32)"},
+            "base": base, "runs": runs, "summary": summary, "wall_s": time.perf_counter() - start}
+
+
+def format_e2e(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"E2E NLG on SmolLM2-135M: {s['steps']} steps x {s['batch']} pairs per method and seed, "
+             f"BLEU / ROUGE-L on {s['tables']} held-out test tables (seeds {s['seeds']})", "",
+             "| method | trainable | lr | BLEU per seed | BLEU mean | spread | ROUGE-L | train s |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| base model (no training) | 0 | - | {result['base']['bleu']:.1f} | {result['base']['bleu']:.1f} | - "
+             f"| {result['base']['rouge_l']:.3f} | - |"]
+    for m in result["summary"].values():
+        per_seed = " / ".join(f"{b:.1f}" for b in m["bleu"])
+        lines.append(f"| {m['label']} | {m['trainable']:,} | {m['lr']:g} | {per_seed} | {m['bleu_mean']:.1f} "
+                     f"| {m['bleu_spread']:.1f} | {m['rouge_l_mean']:.3f} | {m['train_s_mean']:.0f} |")
+    lines += ["", f"whole run {result['wall_s'] / 60:.1f} min; settings: {s}"]
+    return "\n".join(lines)
+
+
+def default_path() -> Path:
+    from peftlab.data import data_dir
+
+    return data_dir() / "results" / "e2e.json"
+
+
+def reference(path: Path | None = None) -> dict:
+    """The stored E2E reference result (``python -m peftlab.bench e2e``) as a dict."""
+    path = Path(path) if path else default_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: make it with `python -m peftlab.bench e2e`")
+    return json.loads(path.read_text())
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "_child":
+    method, seed, quick = sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+    budget = QUICK_BUDGET if quick else BUDGET
+    print(json.dumps(run_one(method, seed, budget)))
