@@ -70,7 +70,7 @@ class BenchSettings:
     bf16: bool = False
     latency_batch: int = 32
     latency_repeats: int = 15
-    timing_rounds: int = 15  # rounds of the balanced step-time measurement
+    timing_rounds: int = 16  # rounds of the balanced step-time measurement (even: whole ABBA pairs)
     threads: int | None = None  # CPU threads per process; None: one per physical core
     lr: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
 
@@ -176,9 +176,9 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
     """Seconds of one training step of each method, interleaved in a balanced order.
 
     All models live in this one process and see the same real batch; each round times every
-    method once, the order rotating by one each round and reversed every other round, so slow
-    drifts of a shared machine hit all of them alike. CPU: process CPU time; CUDA: wall time
-    with synchronisation. Returns median, min and max per method.
+    method once in ``peftlab.timing``'s balanced order (rotated, reversed every other round), so
+    slow drifts of a shared machine hit all of them alike. CPU: process CPU time; CUDA: wall
+    time with synchronisation. Returns median, min, quartiles and max per method.
     """
     import torch
 
@@ -207,25 +207,10 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
     tokens = tokenize_classification(train_ds, tok, s.max_length)
     batch = PadCollator(tok)([tokens[i] for i in range(min(s.batch_size, len(tokens)))])
     batch = {k: v.to(device) for k, v in batch.items()}
-    cuda = device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
-    names = list(steps)
-    for name in names:  # warm-up: lazy initialisation, allocator growth
-        steps[name]()
-        steps[name]()
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for rnd in range(s.timing_rounds):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
-        for name in order if rnd % 2 == 0 else order[::-1]:
-            if cuda:
-                torch.cuda.synchronize(device)
-            t0 = clock()
-            steps[name]()
-            if cuda:
-                torch.cuda.synchronize(device)
-            samples[name].append(clock() - t0)
-    return {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": len(v)}
-            for n, v in samples.items()}
+    from peftlab.timing import interleaved_times
+
+    times = interleaved_times(steps, rounds=s.timing_rounds, warmup=2, device=device.type)
+    return times["wall"] if device.type == "cuda" else times["cpu"]
 
 
 # --- the whole table ----------------------------------------------------------------------

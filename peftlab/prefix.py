@@ -21,9 +21,11 @@ eager)``. peftlab registers the implementation ``"peftlab_prefix"``: it prepends
 layer's prefix (post-RoPE: prefix keys carry no position), prepends m "attend" mask
 columns and calls the model's own eager attention, so the probabilities it returns
 include the prefix columns. The cache only ever holds real tokens; positions of real
-tokens are unchanged (HF peft numbers them from m instead: pass
-``position_ids = arange(m, m + T)`` to reproduce its logits). Explained in
-notebooks/04_prefix_tuning.ipynb.
+tokens are unchanged (HF peft numbers them from m instead). For rotary models saving and
+loading convert between the two exactly (prefix keys turned by +-m positions, see
+``peftlab/prefix_io.py``), so a saved folder gives the same logits in HF peft at default
+positions; for absolute positions (GPT-2) no conversion exists and ``save_adapter`` warns.
+Explained in notebooks/04_prefix_tuning.ipynb.
 
 Initialisation (``PrefixConfig.init``): by default every layer's prefix is the keys and
 values the frozen base model (all adapters off) computes for m real tokens, a neutral

@@ -15,13 +15,46 @@ directory; otherwise (encoders, HF peft cannot run prefix-tuning on them under
 transformers 5) the JSON says ``"format": "peftlab-prefix"`` / ``"peftlab-prompt"``.
 Either way ``peftlab_adapter.json`` holds the format version, the adapter name, the peftlab
 config and the shapes. Explained in notebooks/04_prefix_tuning.ipynb, section "Saving".
+
+Positions. peftlab prepends the prefix inside attention and numbers the T real tokens 0..T-1,
+as the base model does; HF peft hands the prefix over as a ``past_key_values`` cache of length
+m, so the model numbers the real tokens m..m+T-1. ``peftlab_adapter.json`` records which
+numbering the file's prefix belongs to under ``"input_positions"``: ``"from_0"`` (peftlab's;
+files written before the key existed) or ``"from_m"`` (HF peft's; also assumed for a folder
+HF peft wrote).
+
+* Rotary models (Llama-style): the conversion is exact. With RoPE, R_p the rotation of
+  position p and R_a^T R_b = R_{b-a}, a query of real token t meets a prefix key P as
+  (R_t q) . P in peftlab and (R_{m+t} q) . P' in HF peft, so P' = R_m P gives the same
+  scores. A file HF peft can read therefore holds every prefix key turned by +m positions
+  (``"from_m"``), and loading a ``"from_m"`` file turns the keys back by -m; values carry no
+  position and are stored as they are. The rotation is the model's own: cos/sin from its
+  rotary module at position +m or -m (divided by sqrt(cos^2 + sin^2), so rope types that
+  scale both by an attention factor still give a pure rotation), applied in float64 by the
+  ``apply_rotary_pos_emb`` of its attention file (rotate-half convention, partial rotary,
+  head_dim). A saved-and-loaded prefix therefore equals the trained one to float32 rounding
+  (~1e-7), not bit for bit. A rotary model this does not mirror (several rotary modules, a
+  different ``apply_rotary_pos_emb``) is treated like an absolute-position one.
+* Absolute-position models (GPT-2): no conversion exists. The prefix keys carry no position
+  in either library, but peftlab adds position embeddings 0..T-1 to the input and HF peft
+  m..m+T-1, and no change to the file can undo that. The file is saved ``"from_0"``, as it
+  is, with a warning: HF peft reproduces peftlab only if its forward sees the input at
+  0..T-1 (peft 0.21 adds m to the ``position_ids`` it is given, so pass
+  ``arange(-m, T - m)``). Loading an HF peft GPT-2 prefix warns the other way: peftlab
+  reproduces HF peft with ``position_ids = arange(m, m + T)``.
+* Encoders and adapters with ``modules_to_save`` (``"format": "peftlab-prefix"``, a file HF
+  peft cannot read) are always ``"from_0"`` and saved as they are: load(save(x)) is exact.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import sys
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -35,10 +68,13 @@ from .io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_json, re
 from .targets import walk
 from .wrappers import ModulesToSaveWrapper
 
-__all__ = ["SAVES_PREFIX", "TENSOR"]
+__all__ = ["SAVES_PREFIX", "TENSOR", "POSITIONS", "FROM_0", "FROM_M"]
 
 TENSOR = "prompt_embeddings"  # HF peft's key for prompt-learning adapters
 SAVES_PREFIX = "modules_to_save."
+POSITIONS = "input_positions"  # peftlab_adapter.json: how the real tokens behind the saved prefix are numbered
+FROM_0 = "from_0"  # 0..T-1, peftlab's numbering (and that of every file written before POSITIONS existed)
+FROM_M = "from_m"  # m..m+T-1, HF peft's numbering: rotary prefix keys are stored turned by +m positions
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -61,15 +97,83 @@ def _meta(model: nn.Module, config, name: str, shapes: dict) -> dict:
             "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or None}
 
 
+# -- positions: peftlab numbers the real tokens 0..T-1, HF peft m..m+T-1 ---------------------
+def _model_rope(model: nn.Module, site: nn.Module) -> tuple[nn.Module, Callable] | str:
+    """(rotary module, ``apply_rotary_pos_emb`` of ``site``'s file) for ``_turn_keys``, or why there is none.
+
+    Mirrored: one rotary module called as ``(x, position_ids) -> (cos, sin)`` and an
+    ``apply_rotary_pos_emb(q, k, cos, sin, ...)`` next to the attention class (Llama, Mistral, Qwen2,
+    Phi-3, ...). Anything else (absolute positions, rotary modules per layer type, ...) is a reason string.
+    """
+    cls = type(model).__name__
+    if not prefix.rotary(model):
+        return f"{cls} encodes positions with learned absolute embeddings, which no change to the prefix can shift"
+    rotaries = [mod for mod in model.modules() if type(mod).__name__.endswith("RotaryEmbedding")]
+    apply = getattr(sys.modules.get(type(site).__module__), "apply_rotary_pos_emb", None)
+    unknown = f"{cls}'s rotary embedding is not the kind peftlab mirrors (one rotary module, apply_rotary_pos_emb)"
+    if len(rotaries) != 1 or not callable(apply):
+        return unknown
+    needed = [p.name for p in inspect.signature(rotaries[0].forward).parameters.values() if p.default is p.empty]
+    if list(inspect.signature(apply).parameters)[:4] != ["q", "k", "cos", "sin"] or needed != ["x", "position_ids"]:
+        return unknown
+    return rotaries[0], apply
+
+
+def _turn_keys(rope: tuple[nn.Module, Callable], flat: torch.Tensor, num_layers: int, kv_heads: int,
+               shift: int) -> torch.Tensor:
+    """``flat`` (m, L * 2 * K * hd) with every prefix key rotated by ``shift`` positions; values unchanged.
+
+    cos/sin are the model's own for position ``shift`` (its rotary module, divided by
+    sqrt(cos^2 + sin^2) to drop any attention scaling), applied by its own ``apply_rotary_pos_emb``
+    in float64. Turning by +m then -m gives ``flat`` back to float64 rounding (a float32 file adds its own).
+    """
+    rotary, apply = rope
+    m = flat.shape[0]
+    device = next(iter(rotary.buffers()), flat).device
+    probe = torch.zeros(1, 1, 1, dtype=torch.float32, device=device)  # the module reads only its device and dtype
+    with torch.no_grad():
+        cos, sin = rotary(probe, torch.tensor([[shift]], device=device))  # (1, 1, rotary_dim) each
+        cos, sin = cos.to(flat.device, torch.float64), sin.to(flat.device, torch.float64)
+        norm = (cos.square() + sin.square()).sqrt()  # the attention factor (1.0 for rope_type "default")
+        kv = flat.detach().to(torch.float64).reshape(m, num_layers, 2, kv_heads, -1)  # (m, L, 2, K, hd)
+        keys = kv[:, :, 0].permute(1, 2, 0, 3)  # (L, K, m, hd): layers in the batch slot
+        turned = apply(keys, keys, cos / norm, sin / norm)[1]  # (L, K, m, hd); cos/sin broadcast as (1, 1, 1, dim)
+        kv = torch.stack([turned.permute(2, 0, 1, 3), kv[:, :, 1]], dim=2)  # (m, L, 2, K, hd)
+    return kv.reshape(m, -1).to(flat.dtype)  # (m, L * 2 * K * hd)
+
+
+def _position_warning(reason: str, m: int, saving: bool) -> None:
+    """Warn that HF peft and peftlab read this prefix with the real tokens at different positions."""
+    if saving:  # peft (0.21) adds m to the position_ids it is given: -m..T-m-1 become 0..T-1
+        advice = ("so peft.PeftModel.from_pretrained on this folder gives different logits from peftlab unless "
+                  "peft's forward sees the input at 0..T-1: peft adds m to the position_ids it is given, so pass "
+                  f"position_ids=torch.arange(-{m}, T - {m})[None]")
+    else:
+        advice = ("so this prefix, which HF peft trained with the real tokens at m..m+T-1, gives HF peft's logits "
+                  f"in peftlab only with position_ids=torch.arange({m}, {m} + T)[None]")
+    warnings.warn(f"prefix positions differ between peftlab and HF peft and cannot be converted: {reason}. peftlab "
+                  f"numbers the T real tokens 0..T-1, HF peft {m}..{m}+T-1 (its cache holds the m={m} virtual "
+                  f"tokens), {advice}.", UserWarning, stacklevel=4)
+
+
 def _save_prefix(model: nn.Module, name: str) -> tuple[dict, dict]:
     config, enc = configs(model)[name], model._modules[prefix.CONTAINER][name]
-    tensors = {TENSOR: enc.flat(), **_copies(model, name)}
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     L, K, hd, m = enc.num_layers, enc.kv_heads, enc.head_dim, enc.num_virtual_tokens
-    meta = _meta(model, config, name, {"num_layers": L, "kv_heads": K, "head_dim": hd,
+    flat, positions = enc.flat().detach(), FROM_0  # (m, L * 2 * K * hd)
+    for_peft = _is_causal_lm(model) and not config.modules_to_save
+    if for_peft:  # HF peft reads this directory too: give it the prefix for real tokens at m..m+T-1
+        site = next(mod for mod in model.modules() if prefix._SITE in mod.__dict__)
+        rope = _model_rope(model, site)
+        if isinstance(rope, str):
+            _position_warning(rope, m, saving=True)
+        else:
+            flat, positions = _turn_keys(rope, flat, L, K, +m), FROM_M
+    tensors = {TENSOR: flat, **_copies(model, name)}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = _meta(model, config, name, {"num_layers": L, "kv_heads": K, "head_dim": hd, POSITIONS: positions,
                                        "layout": "prompt_embeddings (m, layers * 2 * kv_heads * head_dim): "
                                                  "layer-major, key then value"})
-    if _is_causal_lm(model) and not config.modules_to_save:  # HF peft reads this directory too
+    if for_peft:
         meta.update(peft_type="PREFIX_TUNING", task_type="CAUSAL_LM", num_virtual_tokens=m, token_dim=K * hd,
                     num_attention_heads=K, num_layers=L, encoder_hidden_size=K * hd, prefix_projection=False,
                     num_transformer_submodules=1, inference_mode=True, init_weights=None, modules_to_save=None)
@@ -154,6 +258,17 @@ def _load_prefix(model: nn.Module, d: Path, name: str) -> nn.Module:
         raise ValueError(f"prefix adapter in {d} has shape {got}{was}, but this {type(model).__name__} needs {want} = "
                          f"(m, {len(sites)} layers x 2 x {K} kv heads x {hd}): load it onto the model it was "
                          "trained for")
+    record = raw.get("peftlab")
+    positions = record.get(POSITIONS, FROM_0) if isinstance(record, dict) else FROM_M  # no record: HF peft wrote it
+    if positions not in (FROM_0, FROM_M):
+        raise ValueError(f"{d} says {POSITIONS}={positions!r}; this peftlab reads {FROM_0!r} or {FROM_M!r}: "
+                         "upgrade peftlab or save the adapter again")
+    if positions == FROM_M:  # back to peftlab's numbering: keys turned by -m
+        rope = _model_rope(model, sites[0])
+        if isinstance(rope, str):
+            _position_warning(rope, want[0], saving=False)
+        else:
+            tensors = {**tensors, TENSOR: _turn_keys(rope, tensors[TENSOR], len(sites), K, -want[0])}
     return _load(model, d, name, config, tensors,
                  lambda mdl, n: mdl._modules[prefix.CONTAINER][n].prefix_keys_values)
 
