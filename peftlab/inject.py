@@ -3,7 +3,11 @@
 ``inject(model, LoRAConfig(...))`` swaps the selected linear layers for
 :class:`peftlab.lora.LoRALinear` (Hu et al. 2021, "LoRA: Low-Rank Adaptation of
 Large Language Models", arXiv:2106.09685) in place, wraps ``modules_to_save`` and
-freezes everything else.  Modules are always replaced through their parent
+freezes everything else.  Modules an injection creates take the model's current
+``training`` flag (a LoRA dropout added to a model in eval mode is off), and are
+flagged so that ``bias="all"`` and other base-model-only logic can tell them from
+the base model's own modules (``peftlab.targets.base_parameters``).
+Modules are always replaced through their parent
 (``setattr(parent, child_name, new)``); a dotted name on the root would merely
 add a stray attribute and leave the real layer untouched.
 
@@ -23,7 +27,8 @@ from torch import nn
 
 from .config import AdapterConfigBase, LoRAConfig
 from .lora import LoRALinear
-from .targets import checked_plan, find_modules, linear_suffixes, replace_module, walk
+from .targets import (base_parameters, checked_plan, find_modules, flag_new_modules, linear_suffixes,
+                      replace_module, walk)
 from .wrappers import ModulesToSaveWrapper
 
 __all__ = [
@@ -91,8 +96,8 @@ def _mark_lora_trainable(model: nn.Module, config: LoRAConfig, name: str) -> Non
                 mod.base_layer.bias.requires_grad_(True)
         elif isinstance(mod, ModulesToSaveWrapper) and name in mod.modules_to_save:
             mod.modules_to_save[name].requires_grad_(True)
-    if config.bias == "all":
-        for pname, p in model.named_parameters():
+    if config.bias == "all":  # the base model's biases only: never another adapter's (e.g. a prefix MLP's)
+        for pname, p in base_parameters(model):
             if pname.endswith("bias") and ".original_module." not in pname and ".modules_to_save." not in pname:
                 p.requires_grad_(True)
 
@@ -138,7 +143,8 @@ def inject(model: nn.Module, config: AdapterConfigBase, name: str = "default") -
     """Add adapter ``name`` described by ``config`` to ``model`` in place and return ``model``.
 
     The new adapter becomes the active one and the only trainable part (plus its
-    ``modules_to_save`` copies and biases per ``config.bias``).  Every check runs
+    ``modules_to_save`` copies and biases per ``config.bias``).  The modules it
+    creates follow the model's current ``training`` flag.  Every check runs
     before the model is touched, so a failed call leaves it unchanged.
     """
     hooks = _hooks(config)
@@ -149,14 +155,17 @@ def inject(model: nn.Module, config: AdapterConfigBase, name: str = "default") -
             f"an adapter named {name!r} is already injected: pick another name or call peftlab.delete(model, {name!r})"
         )
     _require_unmerged(model, "inject a new adapter")
+    old = list(model.modules()), list(model.parameters())  # kept alive while new modules are told apart by id
     hooks.inject(model, config, name)
+    for mod in flag_new_modules(model, *old):
+        mod.training = model.training  # e.g. a new dropout in an eval-mode model must be off
     configs(model)[name] = config
     set_active(model, name)
     return model
 
 
 def set_active(model: nn.Module, name: str | None) -> None:
-    """Use (and train) only adapter ``name``; ``None`` runs the plain base model."""
+    """Use (and train) only adapter ``name``; ``None`` runs the plain base model and trains nothing."""
     if name is not None and name not in configs(model):
         raise ValueError(f"no adapter named {name!r}: injected adapters are {list(configs(model))}")
     _require_unmerged(model, "switch adapters")
@@ -166,14 +175,23 @@ def set_active(model: nn.Module, name: str | None) -> None:
         else:
             mod.active = name if name in mod.modules_to_save else None
     object.__setattr__(model, "peftlab_active", name)
+    _mark_active_trainable(model)
+
+
+def _mark_active_trainable(model: nn.Module) -> None:
+    """requires_grad = True exactly for what the active adapter trains (nothing when none is active)."""
+    model.requires_grad_(False)
+    name = active_adapter(model)
     if name is not None:
-        model.requires_grad_(False)
         config = configs(model)[name]
         _hooks(config).mark_trainable(model, config, name)
 
 
 def delete(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name``; layers left without adapters get their original module back."""
+    """Remove adapter ``name``; layers left without adapters get their original module back.
+
+    Afterwards only the active adapter is trainable; if ``name`` was the active one, nothing is.
+    """
     if name not in configs(model):
         raise ValueError(f"no adapter named {name!r}: injected adapters are {list(configs(model))}")
     _require_unmerged(model, f"delete adapter {name!r}")
@@ -181,6 +199,8 @@ def delete(model: nn.Module, name: str) -> None:
     del configs(model)[name]
     if active_adapter(model) == name:
         set_active(model, None)
+    else:  # recompute the flags from the active adapter alone
+        _mark_active_trainable(model)
 
 
 @contextlib.contextmanager
@@ -220,7 +240,11 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract merged LoRA updates again (raises if nothing is merged)."""
+    """Take merged LoRA updates out again (raises if nothing is merged).
+
+    Half-precision (fp16 / bf16) bases get their pre-merge weights back bit-exactly from a copy
+    kept at merge time; fp32 / fp64 bases subtract the update (see :class:`peftlab.lora.LoRALinear`).
+    """
     merged = [m for m in _layers(model) if isinstance(m, LoRALinear) and m.merged]
     if not merged:
         raise RuntimeError("nothing to unmerge: no LoRA adapter is merged into the model")
@@ -229,17 +253,32 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapter and return the plain model with no peftlab modules.
+def unload(model: nn.Module, name: str | None = None, *, discard: bool = False) -> nn.Module:
+    """Merge one LoRA adapter and return the plain model with no peftlab modules.
 
-    ``modules_to_save`` wrappers are replaced by the active trainable copy.
-    ``requires_grad`` flags are left as they are.
+    The adapter folded in is ``name`` if given (it becomes the active one first),
+    else the active adapter; every other adapter is dropped.  ``modules_to_save``
+    wrappers are replaced by the folded adapter's trainable copy.  With no adapter
+    active and no ``name``, nothing would be folded and all trained weights lost, so
+    this raises ``RuntimeError`` unless ``discard=True`` asks for exactly that (the
+    plain base model back).  ``requires_grad`` flags are left as they are.
     """
+    if name is not None and name not in configs(model):
+        raise ValueError(f"no adapter named {name!r} to unload: injected adapters are {list(configs(model))}")
     if any(m.disabled for m in _layers(model)):
         raise RuntimeError("cannot unload inside peftlab.disabled(model): leave the with-block first")
     for n, c in list(configs(model).items()):  # methods that cannot be unloaded refuse before any change
         if _hooks(c).unload is not None:
             _hooks(c).unload(model, n)
+    if name is None and active_adapter(model) is None and configs(model) and not discard:
+        names = list(configs(model))
+        raise RuntimeError(
+            f"no adapter is active, so unload() would fold nothing in and discard every adapter ({names}): "
+            f"call peftlab.set_active(model, {names[0]!r}) first or pass unload(model, name={names[0]!r}) to fold "
+            f"one; to throw them away use peftlab.delete(model, name) or unload(model, discard=True)"
+        )
+    if name is not None and name != active_adapter(model):
+        set_active(model, name)  # raises (model unchanged) if weights are merged
     for mod_name, mod in list(walk(model)):
         if isinstance(mod, LoRALinear):
             if mod.active - set(mod.merged):
@@ -329,7 +368,12 @@ def explain(model: nn.Module, config: LoRAConfig) -> ExplainReport:
         notes.append("unsupported rows would make inject() fail: target nn.Linear / Conv1D layers only")
     if plan.unmatched_saves:
         notes.append(f"modules_to_save entries matching nothing: {plan.unmatched_saves}")
-    base_total = sum(p.numel() for n, p in model.named_parameters()
+    if plan.enclosed:
+        notes.append(f"skipped inside modules_to_save (replaced by a trained copy): {[n for n, _ in plan.enclosed]}")
+    if plan.enclosed_only:
+        notes.append(f"target_modules entries {plan.enclosed_only} match only inside modules_to_save: "
+                     "inject() would refuse this config")
+    base_total = sum(p.numel() for n, p in base_parameters(model)
                      if "lora_" not in n and ".modules_to_save." not in n)
     return ExplainReport(config, rows, base_total, notes)
 

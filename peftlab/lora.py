@@ -55,6 +55,14 @@ class LoRALinear(nn.Module):
     Merging is explicit only (``merge`` / ``unmerge``; ``train()``/``eval()``
     never merge).  Merging an adapter that is already merged raises
     ``RuntimeError`` -- it would otherwise silently add the update twice.
+
+    On a half-precision base (fp16 / bf16) ``W + delta - delta`` rounds twice and
+    would drift a little per merge/unmerge cycle, so the first merge keeps an exact
+    copy of the weight (the non-persistent buffer ``unmerged_weight``: not in the
+    state dict, moved and cast with the layer) and ``unmerge`` restores it
+    bit-exactly.  The cost is one extra copy of the weight while merged.  fp32 / fp64
+    bases keep no copy: ``unmerge`` subtracts the update again, which leaves a
+    rounding error of the order of float32's epsilon times the weight per cycle.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -76,6 +84,8 @@ class LoRALinear(nn.Module):
         self.active: set[str] = set()
         self.merged: list[str] = []
         self.disabled = False
+        # exact pre-merge weight of a half-precision base while merged (see the class docstring)
+        self.register_buffer("unmerged_weight", None, persistent=False)
 
     # -- adapter management -------------------------------------------------------
     def add_adapter(
@@ -152,14 +162,28 @@ class LoRALinear(nn.Module):
                 raise ValueError(f"no adapter named {n!r} in this layer (has {self.adapter_names})")
             if n in self.merged:
                 raise RuntimeError(f"adapter {n!r} is already merged: call unmerge() before merging again")
+        w = self.base_layer.weight
+        if names and not self.merged and w.dtype in (torch.float16, torch.bfloat16):
+            self.unmerged_weight = w.detach().clone()  # unmerge() restores this copy bit-exactly
         for n in names:
             self._add_to_weight(self.delta_weight(n))
             self.merged.append(n)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from ``base_layer.weight`` (reverse order)."""
+        """Take every merged adapter out of ``base_layer.weight`` again.
+
+        Restores the exact pre-merge copy where one was kept (half-precision bases),
+        else subtracts the updates in reverse order.  Changes made to the weight
+        while merged are lost in the first case and kept in the second.
+        """
         if not self.merged:
             raise RuntimeError("nothing to unmerge: no adapter is merged into this layer")
+        if self.unmerged_weight is not None:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self.unmerged_weight)  # copy_ casts if the layer was cast meanwhile
+            self.unmerged_weight = None
+            self.merged.clear()
+            return
         while self.merged:
             n = self.merged.pop()
             self._add_to_weight(-self.delta_weight(n))

@@ -7,14 +7,22 @@ Language Models") target modules, as explained in notebooks/03_lora.ipynb:
   with ``"." + entry`` ("query" matches ``bert.encoder.layer.0.attention.self.query``);
 * a single string is a full-match regular expression on the dotted name;
 * ``"all-linear"`` takes every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output
-  head (``classifier``, ``score``, ``lm_head``, ``get_output_embeddings()``) and
-  the ``modules_to_save``.
+  head (``classifier``, ``score``, ``lm_head``, ``get_output_embeddings()``).
+
+Modules inside a ``modules_to_save`` module are never targeted (as in HF peft): the
+saved module is replaced by a fully trained copy, so a LoRA inside it would never
+run.  :func:`checked_plan` refuses a config whose target entry only matches such
+enclosed modules, and a saved module that already holds another adapter's layers.
+
+:func:`base_parameters` tells the base model's own parameters from those adapters
+added (``inject`` flags every module an injection creates that holds no
+pre-existing parameter, see :func:`flag_new_modules`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from torch import nn
@@ -23,10 +31,14 @@ from .config import LoRAConfig
 from .lora import SUPPORTED_TYPES, LoRALinear, is_supported
 from .wrappers import ModulesToSaveWrapper
 
-__all__ = ["walk", "replace_module", "find_modules", "checked_plan", "linear_suffixes", "HEAD_NAMES"]
+__all__ = ["walk", "replace_module", "find_modules", "checked_plan", "linear_suffixes", "HEAD_NAMES",
+           "flag_new_modules", "base_parameters", "ADDED"]
 
 HEAD_NAMES = ("classifier", "score", "lm_head")  # excluded from "all-linear"
 _WRAPPERS = (LoRALinear, ModulesToSaveWrapper)
+# key in ``module.__dict__``: the module was created by an adapter injection and holds only adapter
+# parameters (``lora_A`` dicts, trainable copies, prefix encoders, bottleneck banks, ...)
+ADDED = "peftlab_added"
 
 
 def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -58,12 +70,48 @@ def _head_names(model: nn.Module) -> set[str]:
     return out
 
 
+def flag_new_modules(model: nn.Module, old_modules: list[nn.Module], old_params: list[nn.Parameter]) -> list[nn.Module]:
+    """The modules of ``model`` not among ``old_modules`` (what an injection just created).
+
+    Each new module that holds none of ``old_params`` is flagged ``ADDED``: all its parameters
+    belong to an adapter.  New modules that wrap base layers (``LoRALinear``,
+    ``ModulesToSaveWrapper``) hold old parameters, so only their adapter parts are flagged.
+    The caller keeps both lists alive across the injection, so no ``id`` can be reused.
+    """
+    old_mod_ids = {id(m) for m in old_modules}
+    old_param_ids = {id(p) for p in old_params}
+    new = [m for m in model.modules() if id(m) not in old_mod_ids]
+    for m in new:
+        if not any(id(p) in old_param_ids for p in m.parameters()):
+            m.__dict__[ADDED] = True
+    return new
+
+
+def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` without those of modules an adapter injection added.
+
+    What is left is the base model's own parameters (a wrapped layer's ``base_layer.*`` and a saved
+    module's ``original_module.*`` included); used to restrict ``bias="all"`` to them.
+    """
+    owned = {id(p) for m in model.modules() if m.__dict__.get(ADDED) for p in m.parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in owned]
+
+
 @dataclass
 class _Plan:
     targets: list[tuple[str, nn.Module, str]]  # (name, module, why it matched)
     unsupported: list[tuple[str, nn.Module, str]]
     saves: list[tuple[str, nn.Module]]
     unmatched_saves: list[str]
+    # matches skipped because they lie inside (or are) a modules_to_save module: (name, saved module's name)
+    enclosed: list[tuple[str, str]] = field(default_factory=list)
+    # target_modules entries whose every match is enclosed (checked_plan refuses these; never "all-linear")
+    enclosed_only: list[str] = field(default_factory=list)
+
+
+def _enclosing(name: str, saved: list[str]) -> str | None:
+    """The saved module ``name`` is, or lies inside, if any."""
+    return next((s for s in saved if name == s or name.startswith(s + ".")), None)
 
 
 def find_modules(model: nn.Module, config: LoRAConfig) -> _Plan:
@@ -73,26 +121,37 @@ def find_modules(model: nn.Module, config: LoRAConfig) -> _Plan:
         hits = [(n, m) for n, m in walk(model) if _suffix_match(n, key)]
         saves += hits
         unmatched += [] if hits else [key]
-    skip = {n for n, _ in saves}
-    if tm == "all-linear":
-        skip |= _head_names(model)
-    targets, unsupported = [], []
+    saved = [n for n, _ in saves]
+    heads = _head_names(model) if tm == "all-linear" else set()
+    targets, unsupported, enclosed = [], [], []
+    entries_hit: set[str] = set()  # target entries matching at least one module outside the saved ones
+    entries_enclosed: list[str] = []  # target entries matching a module inside a saved one
     for name, mod in walk(model):
-        if name in skip:
+        if name in heads:
             continue
         if tm == "all-linear":
-            why = "all-linear" if isinstance(mod, SUPPORTED_TYPES + (LoRALinear,)) else None
+            keys = ["all-linear"] if isinstance(mod, SUPPORTED_TYPES + (LoRALinear,)) else []
+            why = "all-linear"
         elif isinstance(tm, str):
-            why = f"regex {tm!r}" if re.fullmatch(tm, name) else None
+            keys = [tm] if re.fullmatch(tm, name) else []
+            why = f"regex {tm!r}"
         else:
-            why = next((f"suffix {k!r}" for k in tm if _suffix_match(name, k)), None)
-        if why is None:
+            keys = [k for k in tm if _suffix_match(name, k)]
+            why = f"suffix {keys[0]!r}" if keys else ""
+        if not keys:
             continue
+        around = _enclosing(name, saved)
+        if around is not None:  # replaced by a trained copy: a LoRA here would never run (HF peft skips too)
+            enclosed.append((name, around))
+            entries_enclosed += keys
+            continue
+        entries_hit.update(keys)
         if isinstance(mod, LoRALinear) or is_supported(mod):
             targets.append((name, mod, why))
         else:
             unsupported.append((name, mod, why))
-    return _Plan(targets, unsupported, saves, unmatched)
+    enclosed_only = [k for k in dict.fromkeys(entries_enclosed) if k not in entries_hit and k != "all-linear"]
+    return _Plan(targets, unsupported, saves, unmatched, enclosed, enclosed_only)
 
 
 def linear_suffixes(model: nn.Module) -> str:
@@ -115,6 +174,15 @@ def checked_plan(model: nn.Module, config: LoRAConfig, name: str) -> _Plan:
             f"which LoRA cannot adapt: supported types are {kinds}. Target the linear layers inside it instead; "
             f"linear layers here: {linear_suffixes(model)}"
         )
+    if plan.enclosed_only:
+        keys = [k for k in config.modules_to_save if any(_suffix_match(s, k) for _, s in plan.enclosed)]
+        inner, around = next((n, s) for n, s in plan.enclosed)
+        raise ValueError(
+            f"LoRAConfig.target_modules entries {plan.enclosed_only} only match modules inside modules_to_save "
+            f"{keys} (e.g. {inner!r} inside {around!r}): a saved module is replaced by a fully trained copy, so a "
+            f"LoRA inside it would never run. Either remove {plan.enclosed_only} from target_modules, or remove "
+            f"{keys} from modules_to_save (save a smaller module, e.g. the head)"
+        )
     if not plan.targets:
         raise ValueError(
             f"LoRAConfig.target_modules={config.target_modules!r} matched no module of {cls}: "
@@ -126,6 +194,17 @@ def checked_plan(model: nn.Module, config: LoRAConfig, name: str) -> _Plan:
             f"use a module name such as 'classifier' or 'score' that exists in the model"
         )
     for n, m in plan.saves:
+        inner = [] if isinstance(m, _WRAPPERS) else [
+            (p, mod) for p, mod in walk(m, n) if isinstance(mod, _WRAPPERS) or mod.__dict__.get(ADDED)]
+        if inner:  # its copy would duplicate those layers where no delete/merge/save can reach them
+            owners = sorted({a for _, mod in inner for a in _adapter_names(mod)})
+            key = next(k for k in config.modules_to_save if _suffix_match(n, k))
+            raise ValueError(
+                f"modules_to_save entry {key!r} matches {n!r}, which already holds adapter layers "
+                f"({inner[0][0]!r}{f' of adapter(s) {owners}' if owners else ''}): its trainable copy would "
+                f"duplicate them. Save a module without adapter layers (e.g. the head), or peftlab.delete() "
+                f"those adapters first"
+            )
         if isinstance(m, LoRALinear):
             raise ValueError(f"modules_to_save entry {n!r} is already a LoRA layer: list it in only one place")
         if isinstance(m, ModulesToSaveWrapper) and name in m.modules_to_save:
@@ -134,3 +213,12 @@ def checked_plan(model: nn.Module, config: LoRAConfig, name: str) -> _Plan:
         if isinstance(m, LoRALinear) and name in m.lora_A:
             raise ValueError(f"{n!r} already has a LoRA adapter named {name!r}")
     return plan
+
+
+def _adapter_names(mod: nn.Module) -> list[str]:
+    """Names of the adapters a peftlab wrapper holds (none known for other added modules)."""
+    if isinstance(mod, LoRALinear):
+        return mod.adapter_names
+    if isinstance(mod, ModulesToSaveWrapper):
+        return list(mod.modules_to_save)
+    return []
