@@ -5,7 +5,11 @@
 * Generation: corpus BLEU with several references per sample (Papineni et al., 2002, via
   sacrebleu) and ROUGE-L F-measure (Lin, 2004, via rouge-score); ``generate_texts`` writes
   greedy continuations in batches.
-* Language modelling: perplexity = exp(mean negative log-likelihood per predicted token).
+* Language modelling: perplexity = exp(mean negative log-likelihood per predicted token), and
+  next-token accuracy; with prompt tuning (Lester et al., 2021, ``peftlab.prompt``) the m
+  logits of the virtual tokens are dropped first, so only real positions are scored.
+* Evaluation never draws from the global random state (``rng_preserved``), so evaluating in
+  the middle of training leaves the training run (dropout masks, data order) as it was.
 * Cost: ``latency`` (median of timed calls after warm-up, synchronising CUDA) and
   ``PeakMemory`` (CUDA allocator peak on a GPU; sampled process RSS on the CPU; ``peak_rss_bytes``
   is the whole process lifetime's maximum, so comparisons run each case in its own process).
@@ -15,7 +19,9 @@ Explained in ``notebooks/06_training.ipynb`` (and used by ``peftlab bench``).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import resource
 import sys
 import threading
@@ -28,7 +34,7 @@ import torch
 __all__ = [
     "accuracy", "f1", "roc_auc", "classification_metrics", "evaluate", "evaluate_classifier",
     "bleu", "rouge_l", "perplexity", "generate_texts", "latency", "PeakMemory", "peak_rss_bytes",
-    "current_rss_bytes",
+    "current_rss_bytes", "rng_preserved",
 ]
 
 
@@ -128,6 +134,46 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def rng_preserved():
+    """Run the block, then put every global random state back as it was.
+
+    torch's CPU generator and the generator of every CUDA device already in use, Python's
+    ``random`` and NumPy's global state. Evaluation needs this: a DataLoader without its own
+    ``generator`` draws its base seed from torch's global generator each time it is iterated
+    (and so may a collator or a callback), and a training run that evaluates would then get
+    other dropout masks and another data order than the same run without evaluation.
+    """
+    cpu = torch.get_rng_state()
+    in_use = torch.cuda.is_available() and torch.cuda.is_initialized()  # else nothing on CUDA can draw
+    cuda = torch.cuda.get_rng_state_all() if in_use else None
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def token_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits of the real tokens: (B, T, V) for token labels (B, T).
+
+    Prompt tuning (Lester et al., 2021; ``peftlab.prompt``) prepends m virtual tokens inside
+    the model, so a causal LM returns (B, m + T, V) with the prompt's m positions first (the
+    pre-hook also pads labels given to the model with m leading -100s). Those positions have
+    no label of their own, so the first ``m = logits.shape[1] - T`` are dropped; without
+    virtual tokens m = 0 and nothing changes.
+    """
+    extra = logits.shape[1] - labels.shape[1]
+    if extra < 0:
+        raise ValueError(f"the model returned {logits.shape[1]} positions for {labels.shape[1]} labels: "
+                         "token labels must have one entry per input token (pad them with -100)")
+    return logits[:, extra:]  # (B, T, V)
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -138,15 +184,24 @@ def evaluate(model, data, batch_size: int = 128, *, autocast_dtype=None,
     """Loss and metrics of ``model`` on ``data`` (tokenised dataset or DataLoader).
 
     Classification (one label per row): ``loss``, ``accuracy``, ``f1``, ``roc_auc``.
-    Causal LM (token labels, -100 ignored): ``loss`` = mean NLL per token, ``perplexity``.
+    Causal LM (token labels, -100 ignored): ``loss`` = mean NLL per predicted token,
+    ``perplexity`` = exp(loss) and ``token_accuracy`` (share of argmax predictions that hit the
+    next token). A prompt-tuned model's virtual-token positions are not scored (``token_logits``).
+    The global random states are the same afterwards as before (``rng_preserved``).
     """
+    # around the whole call: the loader draws a seed, and even importing scikit-learn moves `random`
+    with rng_preserved():
+        return _evaluate(model, data, batch_size, autocast_dtype, pad_token_id)
+
+
+def _evaluate(model, data, batch_size: int, autocast_dtype, pad_token_id: int | None) -> dict[str, float]:
     if pad_token_id is None:
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     loader = as_loader(data, batch_size, pad_token_id=pad_token_id)
     device = _device_of(model)
     was_training = model.training
     model.eval()
-    labels, logits, nll, tokens = [], [], 0.0, 0
+    labels, logits, nll, tokens, hits = [], [], 0.0, 0, 0
     try:
         for batch in loader:
             batch = _to(batch, device)
@@ -156,13 +211,15 @@ def evaluate(model, data, batch_size: int = 128, *, autocast_dtype=None,
             if y.dim() == 1:  # classification
                 labels.append(y.cpu())
                 logits.append(out.logits.float().cpu())
-            else:  # causal LM: shift so token t predicts t + 1
-                lp = out.logits[:, :-1].float().log_softmax(-1)
-                target = y[:, 1:]
-                mask = target != -100
-                picked = lp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                nll -= float(picked[mask].sum())
-                tokens += int(mask.sum())
+                continue
+            # causal LM: shift so that the logits at token t score token t + 1
+            z = token_logits(out.logits, y)[:, :-1].float()  # (B, T - 1, V)
+            target = y[:, 1:]  # (B, T - 1)
+            mask = target != -100
+            picked = z.log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T - 1)
+            nll -= float(picked[mask].sum())
+            hits += int((z.argmax(-1) == target)[mask].sum())
+            tokens += int(mask.sum())
     finally:
         model.train(was_training)
     if labels:
@@ -171,7 +228,7 @@ def evaluate(model, data, batch_size: int = 128, *, autocast_dtype=None,
         return {"loss": loss, **classification_metrics(y.numpy(), z)}
     if tokens == 0:
         raise ValueError("no target tokens (every label is -100): nothing to evaluate")
-    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens)}
+    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "token_accuracy": hits / tokens}
 
 
 def evaluate_classifier(model, data, batch_size: int = 128, **kwargs) -> dict[str, float]:

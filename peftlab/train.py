@@ -13,6 +13,11 @@ teaches in ``notebooks/06_training.ipynb``:
 * tqdm progress bars, TensorBoard scalars, evaluation every epoch (or every N steps);
 * atomic checkpoints (``peftlab.checkpoint``) and ``resume_from=`` that reproduces the weights
   of an uninterrupted run exactly;
+* fail early, change nothing: the config's numbers must be finite, the labels of the whole
+  training (and eval) set are checked against the model before the first step, and a
+  non-finite loss or gradient norm stops the run before that update is applied;
+* evaluation never moves the global random state, so a run with ``eval_data`` ends with the
+  same weights as the run without it;
 * ``accelerate``: under ``accelerate launch`` (or with ``use_accelerate=True``) the same call
   trains data-parallel through ``accelerate.Accelerator``.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import time
 import warnings
@@ -29,18 +35,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from peftlab import checkpoint as ckpt
 from peftlab import runtime
-from peftlab.metrics import PeakMemory, as_loader, evaluate
+from peftlab.metrics import PeakMemory, as_loader, evaluate, rng_preserved
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "param_groups", "warmup_steps"]
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "param_groups", "warmup_steps",
+           "check_labels"]
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# what peftlab.metrics.evaluate reports, by kind of eval set
+CLASSIFICATION_METRICS = ("accuracy", "f1", "roc_auc", "loss")
+LM_METRICS = ("loss", "perplexity", "token_accuracy")
+METRICS = CLASSIFICATION_METRICS + LM_METRICS[1:]
 _LOWER_IS_BETTER = ("loss", "perplexity")
+IGNORE_INDEX = -100  # token labels equal to this are not predicted (torch's cross_entropy default)
 
 
 @dataclass
@@ -60,7 +73,7 @@ class TrainConfig:
     eval_every: int | None = None  # evaluate every N steps; None: after each epoch
     eval_batch_size: int = 128  # batch size of evaluation (no gradients: big batches are cheap)
     group_by_length: bool = True  # batch similar lengths together (peftlab.data.LengthGroupedBatches)
-    metric: str = "accuracy"  # eval metric that picks the best step ("loss" for LMs)
+    metric: str = "accuracy"  # picks the best step, one of METRICS; "accuracy" means "loss" on LM sets
     checkpoint_every: int | None = None  # save a checkpoint every N steps (needs output_dir)
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     output_dir: str | None = None  # checkpoints/ and tensorboard/ go here
@@ -78,8 +91,10 @@ class TrainConfig:
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not (
-                math.isfinite(self.lr) and self.lr > 0):
+        def is_finite(v):  # a real number that is not nan or +-inf (bools are not numbers here)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not (is_finite(self.lr) and self.lr > 0):
             fail("lr", self.lr, "a positive number", "use e.g. 1e-3 for LoRA or 5e-5 for full fine-tuning")
         for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
             v = getattr(self, name)
@@ -99,10 +114,14 @@ class TrainConfig:
             fail("schedule", self.schedule, f"one of {SCHEDULES}", "use 'linear'")
         if self.precision not in PRECISIONS:
             fail("precision", self.precision, f"one of {PRECISIONS}", "use 'fp32' on a CPU")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            fail("weight_decay", self.weight_decay, "a number >= 0", "use 0.01 or 0.0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            fail("max_grad_norm", self.max_grad_norm, "None or > 0", "use 1.0, or None to switch clipping off")
+        if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
+            fail("weight_decay", self.weight_decay, "a finite number >= 0", "use 0.01 or 0.0")
+        if self.max_grad_norm is not None and not (is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
+            fail("max_grad_norm", self.max_grad_norm, "None or a finite number > 0",
+                 "use 1.0, or None to switch clipping off")
+        if self.metric not in METRICS:
+            fail("metric", self.metric, f"one of {METRICS}",
+                 "use 'accuracy' (or 'f1', 'roc_auc') for classification, 'loss' or 'perplexity' for LMs")
         if self.checkpoint_every and not self.output_dir:
             fail("output_dir", self.output_dir, "a folder when checkpoint_every is set",
                  "pass output_dir='runs/my-run'")
@@ -202,6 +221,178 @@ def _seed_epoch(loader, seed: int, epoch: int) -> None:
         gen.manual_seed(seed + epoch)
 
 
+# --- labels, checked before anything changes ----------------------------------------------
+
+def _label_rule(model: nn.Module, token_level: bool) -> tuple[int | None, str, bool]:
+    """What the model's loss accepts: (limit, description, real_valued).
+
+    Class ids (and token ids) must lie in [0, limit); token labels may also be -100. With
+    ``real_valued`` (regression, multi-label, or a plain module whose loss we cannot know)
+    only finiteness is checked.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None, "", True
+    if getattr(cfg, "problem_type", None) in ("regression", "multi_label_classification") or (
+            not token_level and getattr(cfg, "num_labels", 2) == 1):
+        return None, "", True
+    if token_level:
+        try:
+            head = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            head = None
+        if head is not None:  # a language-model head: the labels are token ids
+            width = int(getattr(head, "out_features", None) or head.weight.shape[0])
+            return width, f"vocabulary of {width} tokens", False
+    return int(cfg.num_labels), f"num_labels={cfg.num_labels}", False
+
+
+def _column(data) -> list | None:
+    """The ``labels`` of every row of a tokenised dataset (None if the rows have none)."""
+    if hasattr(data, "column_names"):  # a datasets.Dataset; as_loader has checked the column exists
+        return list(data.with_format("python")["labels"])
+    rows = list(data)
+    if not rows or not isinstance(rows[0], dict) or "labels" not in rows[0]:
+        return None
+    return [row.get("labels") for row in rows]
+
+
+def _flatten(column: list, where: str) -> tuple[list, np.ndarray, bool]:
+    """(values, row of each value, token_level) of a labels column."""
+    def is_seq(v):
+        return isinstance(v, (list, tuple))
+
+    column = [v.tolist() if torch.is_tensor(v) or isinstance(v, np.ndarray) else v for v in column]
+    if not is_seq(column[0]):  # one label per row
+        return column, np.arange(len(column)), False
+    odd = next((i for i, v in enumerate(column) if not is_seq(v)), None)
+    if odd is not None:
+        raise ValueError(f"{where} row {odd} has the label {column[odd]!r} but row 0 has a list of token "
+                         "labels: give every row one label per token (-100 where nothing is predicted)")
+    rows = np.repeat(np.arange(len(column)), [len(v) for v in column])
+    return [x for v in column for x in v], rows, True
+
+
+def _check_values(values, where: str, token_level: bool, rule, at: Callable[[int], str]) -> None:
+    """Raise a ValueError naming the first unusable label (``at(i)`` says where value i sits) and the fix."""
+    limit, what, real_valued = rule
+    kind = "token label" if token_level else "label"
+    fix = ("token labels are token ids (or -100 where nothing is predicted): tokenise the targets with "
+           "the model's tokenizer" if token_level else
+           "labels are class ids 0, 1, ...: map names to ids first, e.g. ds.class_encode_column('labels')")
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "biuf":  # strings, None, nested lists
+        i = next((i for i, v in enumerate(values) if not isinstance(v, numbers.Real)), 0)
+        raise ValueError(f"{where} {kind} {values[i]!r} ({at(i)}) is not a number: {fix}")
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr)
+    if not real_valued:
+        bad |= arr != np.floor(arr)  # a class or token id is a whole number (the collator would truncate)
+        fix += "; real-valued targets need a regression model (num_labels=1)"
+    if bad.any():
+        i = int(np.argmax(bad))
+        need = "a finite number" if real_valued else "an integer"
+        raise ValueError(f"{where} {kind} {values[i]!r} ({at(i)}) is not {need}: {fix}")
+    if real_valued or limit is None:
+        return
+    ok = (arr >= 0) & (arr < limit)
+    if token_level:
+        ok |= arr == IGNORE_INDEX
+    if ok.all():
+        return
+    i = int(np.argmin(ok))
+    v = int(arr[i])
+    if token_level:
+        need = f"-100 or in [0, {limit})"
+        fix = (f"use -100 (not {v}) to mark positions that are not predicted" if v < 0 else
+               "tokenise with this model's own tokenizer, or resize its embeddings to the tokenizer")
+    else:
+        need = f"in [0, {limit})"
+        fix = f"remap the labels to 0..{limit - 1}" + (f", or build the model with num_labels={v + 1}"
+                                                      if v >= limit else "")
+    raise ValueError(f"{where} {kind} {v} ({at(i)}) is out of range for this model ({what}): "
+                     f"it must be {need}; {fix}")
+
+
+def _loader_generators(loader) -> list[torch.Generator]:
+    """The generators that iterating ``loader`` advances (its own, its samplers')."""
+    batches = getattr(loader, "batch_sampler", None)
+    owners = (loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None))
+    gens: list[torch.Generator] = []
+    for owner in owners:
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
+            gens.append(g)
+    return gens
+
+
+def _check_loader(model: nn.Module, loader, where: str) -> set[bool]:
+    """Check a DataLoader's labels batch by batch; return the token_level flags seen."""
+    seen: set[bool] = set()
+    gens = _loader_generators(loader)
+    states = [g.get_state() for g in gens]
+    try:
+        with rng_preserved():  # a loader without a generator draws its seeds from torch's global one
+            for k, batch in enumerate(loader):
+                y = batch.get("labels") if isinstance(batch, dict) else None
+                if y is None:
+                    continue
+                y = torch.as_tensor(y)
+                token_level = y.dim() >= 2  # (B, T) token labels, (B,) one label per example
+                seen.add(token_level)
+                rule = _label_rule(model, token_level)
+                if not rule[2] and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+                    raise ValueError(f"{where} batch {k} has labels of dtype {y.dtype}: class and token ids "
+                                     "must be an integer tensor; collate them with torch.tensor(labels, "
+                                     "dtype=torch.long)")
+                _check_values(y.detach().cpu().reshape(-1).numpy(), where, token_level, rule,
+                              lambda i, k=k: f"batch {k}")
+    finally:
+        for g, state in zip(gens, states):  # the run's first epoch then sees the order it would have
+            g.set_state(state)
+    return seen
+
+
+def check_labels(model: nn.Module, data, where: str = "train_data") -> str | None:
+    """Check every label of ``data`` against ``model``; return ``"classification"``, ``"token"`` or None.
+
+    Class labels must be integers in [0, num_labels); token labels integers in [0, vocab size)
+    for a language-model head (or [0, num_labels) for token classification), or -100 (ignored).
+    Regression and multi-label models only need finite numbers. A tokenised dataset's column is
+    read directly; a DataLoader is iterated once (no model call) with every random state it
+    draws from put back, so the run's data order and dropout masks are those of an unchecked run.
+    ``train`` (``notebooks/06_training.ipynb``) calls this before the first step, so a bad label
+    in the last batch fails before any weight has changed.
+    """
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, DataLoader):
+        seen = _check_loader(model, data, where)
+        if len(seen) > 1:
+            raise ValueError(f"{where} mixes batches of one label per example with batches of token "
+                             "labels: give every batch the same kind of labels")
+        token_level = seen.pop() if seen else None
+    else:
+        column = _column(data)
+        if column is None:
+            return None
+        values, rows, token_level = _flatten(column, where)
+        _check_values(values, where, token_level, _label_rule(model, token_level), lambda i: f"row {rows[i]}")
+    return None if token_level is None else "token" if token_level else "classification"
+
+
+def _eval_metric(metric: str, kind: str | None) -> str:
+    """The name in ``evaluate``'s scores that picks the best step, for an eval set of ``kind``."""
+    valid = LM_METRICS if kind == "token" else CLASSIFICATION_METRICS
+    if kind is None or metric in valid:
+        return metric
+    if kind == "token" and metric == "accuracy":
+        return "loss"  # the default; one-label accuracy means nothing for an LM set, so its loss counts
+    what = "token labels (a language-model set)" if kind == "token" else "one label per example"
+    raise ValueError(f"TrainConfig.metric={metric!r} is not measured on eval_data with {what}: "
+                     f"use one of {valid}")
+
+
 def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | None = None, *,
           resume_from: str | os.PathLike | None = None,
           on_evaluate: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
@@ -221,8 +412,13 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     loader = _make_loader(train_data, config, pad_id, shuffle=True)
     if len(loader) == 0:
         raise ValueError("train_data yields no batches: pass at least one example")
+    # every label is checked now, so that a bad one fails before the first step changes a weight
+    check_labels(model, train_data, "train_data")
+    metric = config.metric
     if eval_data is not None:
-        eval_data = as_loader(eval_data, config.eval_batch_size, pad_token_id=pad_id)
+        eval_loader = as_loader(eval_data, config.eval_batch_size, pad_token_id=pad_id)
+        metric = _eval_metric(config.metric, check_labels(model, eval_data, "eval_data"))
+        eval_data = eval_loader
     runtime.use_physical_cores()
 
     use_acc = config.use_accelerate if config.use_accelerate is not None else _launched_distributed()
@@ -257,7 +453,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and accelerator is None else None
     raw = accelerator.unwrap_model(model) if accelerator is not None else model
 
-    result = TrainResult(metric=config.metric)
+    result = TrainResult(metric=metric)
     step, epoch, skip = 0, 0, 0
     if resume_from:
         state = ckpt.load_checkpoint(resume_from, raw, getattr(optimizer, "optimizer", optimizer), names)
@@ -293,12 +489,18 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     def run_eval() -> None:
         if eval_data is None:
             return
+        with rng_preserved():  # evaluate() preserves it too; this also covers on_evaluate
+            evaluate_now()
+
+    def evaluate_now() -> None:
         t0 = time.perf_counter()
         scores = evaluate(raw, eval_data, autocast_dtype=amp_dtype)
         result.eval_seconds += time.perf_counter() - t0
         result.evals.append({"step": step, "epoch": epoch, **scores})
-        name = config.metric if config.metric in scores else "loss"
-        result.metric = name
+        if metric not in scores:
+            raise KeyError(f"TrainConfig.metric={metric!r} is not among the eval scores {sorted(scores)}: "
+                           "use one of those")
+        name = metric
         value = scores[name]
         better = (result.best_metric is None or
                   (value < result.best_metric if name in _LOWER_IS_BETTER else value > result.best_metric))
@@ -326,7 +528,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
 
     model.train()
     memory = PeakMemory(device)
-    with memory:
+    with memory, contextlib.closing(bar):  # the bar closes on an error too
         while step < total:
             _seed_epoch(loader, config.seed, epoch)
             n_batches = len(loader)
@@ -349,13 +551,21 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
                     if getattr(out, "loss", None) is None:
                         raise ValueError("the model returned no loss: the batches need a 'labels' entry")
                     loss = out.loss / window
+                value = float(loss.detach())
+                if not math.isfinite(value):  # stop before this step's update reaches the weights
+                    optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(
+                        f"the training loss is {float(out.loss.detach())} at step {step + 1} (epoch {epoch}, "
+                        f"batch {b}): stopped before that update, so the weights are those after step "
+                        f"{step}. Lower lr (now {config.lr:g}), keep max_grad_norm set, use "
+                        f"precision='fp32' (now {config.precision!r}), or look for bad inputs in that batch")
                 if accelerator is not None:
                     accelerator.backward(loss)
                 elif scaler is not None:
                     scaler.scale(loss).backward()
                 else:
                     loss.backward()
-                loss_sum += float(loss.detach())
+                loss_sum += value
                 if not last:
                     continue
                 factor = lr_factor(step, total, warm, config.schedule)
@@ -366,6 +576,15 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
                 clip = config.max_grad_norm or float("inf")
                 norm = (accelerator.clip_grad_norm_(params, clip) if accelerator is not None
                         else torch.nn.utils.clip_grad_norm_(params, clip))
+                # fp16's loss scaling overflows now and then by design (the scaler skips that step);
+                # anywhere else a nan/inf gradient would write nan into the weights
+                if config.precision != "fp16" and not math.isfinite(float(norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(
+                        f"the gradient norm is {float(norm)} at step {step + 1} (epoch {epoch}) although the "
+                        f"loss was finite ({loss_sum:.4g}): stopped before that update, so the weights are "
+                        f"those after step {step}. Lower lr (now {config.lr:g}) or look for an operation "
+                        "that overflows in the backward pass (e.g. a log or a division near 0)")
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -398,7 +617,6 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
             skip = 0
             if finished_epoch:
                 epoch += 1
-    bar.close()
     if eval_data is not None and (not result.evals or result.evals[-1]["step"] != step):
         run_eval()
     if writer is not None:
