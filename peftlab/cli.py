@@ -3,11 +3,13 @@
     peftlab train --method lora --model minilm --data rotten_tomatoes --r 8 --alpha 16 \\
                   --epochs 1 --output-dir runs/lora
     peftlab bench [--quick] [--device cuda --bf16]    # writes data/results/benchmark.md/.json
-    peftlab bench lora [--device cuda]                # LoRA micro-benchmark (peftlab.bench)
+    peftlab bench lora [--device cuda]                # LoRA micro-benchmark (peftlab.bench.lora)
 
 ``train`` fine-tunes one method (``peftlab.methods``) with ``peftlab.train``, evaluates on the
 test split and writes ``<output-dir>/adapter/`` (what to keep), ``metrics.json`` and, with
-``--checkpoint-every``, resumable checkpoints. Explained in ``notebooks/06_training.ipynb``.
+``--checkpoint-every``, resumable checkpoints. ``bench`` hands over to the ``peftlab.bench``
+package (``peftlab.bench.table``, ``peftlab.bench.cli``). Explained in
+``notebooks/06_training.ipynb``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix-length", type=_positive_int, default=16, help="prefix/prompt tokens")
     g.add_argument("--bottleneck", type=_positive_int, default=32, help="adapter bottleneck width")
     o = t.add_argument_group("training")
-    o.add_argument("--lr", type=_positive_float, default=None, help="default: the bench's rate for the method")
+    o.add_argument("--lr", type=_positive_float, default=None,
+                   help="default: the method's rate in peftlab.methods.LEARNING_RATES")
     o.add_argument("--batch-size", type=_positive_int, default=16)
     o.add_argument("--epochs", type=_positive_int, default=1)
     o.add_argument("--max-steps", type=_positive_int, default=None)
@@ -97,9 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args, parser) -> dict:
     import peftlab
     from peftlab import metrics, runtime
-    from peftlab.benchtable import LEARNING_RATES
     from peftlab.data import stratified_subset, tokenize_classification
-    from peftlab.methods import MethodHParams, prepare, save_trained
+    from peftlab.methods import LEARNING_RATES, MethodHParams, prepare, save_trained
     from peftlab.train import TrainConfig, train
 
     warmup = int(args.warmup) if args.warmup >= 1 else float(args.warmup)
@@ -139,11 +141,11 @@ def _train(args, parser) -> dict:
 
 def _bench(args, parser, argv) -> int:
     if args.which == "lora":
-        from peftlab import bench
+        from peftlab.bench.cli import main as bench_main
 
         rest = ["lora", "--device", args.device] + (["--bf16"] if args.bf16 else [])
-        return bench.main(rest) or 0
-    from peftlab.benchtable import BenchSettings, format_markdown, run_bench
+        return bench_main(rest) or 0
+    from peftlab.bench.table import BenchSettings, format_markdown, run_bench
 
     kw = {"device": args.device, "bf16": args.bf16, "threads": args.threads}
     if args.steps:

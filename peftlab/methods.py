@@ -1,8 +1,9 @@
 """One function that turns a base classifier into any of the course's fine-tuning setups.
 
-Used by ``peftlab train`` / ``peftlab bench`` (``peftlab.cli``, ``peftlab.benchtable``) and by
-``peftlab.search``, so the command line, the search and the benchmark table train exactly the
-same thing. Methods:
+Used by notebooks 01 and 06, ``peftlab train`` (``peftlab.cli``), ``peftlab.search`` and the
+benchmark table (``peftlab.bench.table``), so the notebooks, the command line, the search and
+the table train exactly the same thing, each method at its own default learning rate
+(``LEARNING_RATES``). Methods:
 
 * ``head``: the pretrained body frozen, only the classification head trained (a baseline);
 * ``full``: every parameter trained (the reference the others are compared to);
@@ -23,9 +24,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["METHODS", "MethodHParams", "MethodUnavailable", "prepare", "available", "head_names"]
+__all__ = ["LEARNING_RATES", "METHODS", "MethodHParams", "MethodUnavailable", "available", "head_names",
+           "prepare", "save_trained"]
 
 METHODS = ("head", "full", "peft-lora", "lora", "prefix", "prompt", "houlsby", "pfeiffer")
+# one learning rate per method at batch 32 for one epoch: LoRA and adapters ~2e-3, full fine-tuning
+# ~5e-5 (its updates touch every weight), the bare head and prompt tuning higher; prefix-tuning
+# through its MLP ~1e-3 (at 1e-2 the prefix takes nearly all attention within 60 steps and every
+# sentence gets the same [CLS] state). The reference table trains with them; tune them with
+# peftlab.search.
+LEARNING_RATES = {"head": 1e-2, "full": 5e-5, "peft-lora": 2e-3, "lora": 2e-3, "prefix": 1e-3,
+                  "prompt": 3e-2, "houlsby": 2e-3, "pfeiffer": 2e-3}
 
 
 class MethodUnavailable(RuntimeError):

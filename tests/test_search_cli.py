@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from peftlab import cli
-from peftlab.benchtable import BenchSettings, format_markdown, run_bench
+from peftlab.bench.table import BenchSettings, format_markdown, run_bench
 from peftlab.methods import METHODS, MethodHParams, MethodUnavailable, prepare, save_trained
 from peftlab.search import suggest, tune
 from peftlab.train import TrainConfig

@@ -69,7 +69,7 @@ def test_setup_trusts_the_notebooks():
 
 def test_bertviz_is_pinned_and_installed_without_its_deps():
     makefile = (ROOT / "Makefile").read_text()
-    from peftlab.bertviz_offline import BERTVIZ_VERSION
+    from peftlab.viz.bertviz_offline import BERTVIZ_VERSION
 
     assert pins()["bertviz"] == Version(BERTVIZ_VERSION)
     assert re.search(r"^\t.*pip install -q --no-deps -c \.ci/constraints\.txt bertviz$", makefile, re.M)

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from peftlab import bench
-from peftlab.timing import balanced_orders, interleaved_times, summary
+from peftlab.bench import lora as lora_bench
+from peftlab.bench.timing import balanced_orders, interleaved_times, summary
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
@@ -45,7 +45,7 @@ def test_interleaved_times_measures_cpu_work_and_spread():
 
 def test_bench_judges_cpu_runs_by_cpu_time_not_wall_time():
     # a sleeping call costs wall time but almost no CPU time: the CPU clock must not count it
-    sleepy = bench._time({"sleep": lambda: time.sleep(0.02), "burn": lambda: _burn(0.01)}, 0, 4, 1, "cpu")
+    sleepy = lora_bench._time({"sleep": lambda: time.sleep(0.02), "burn": lambda: _burn(0.01)}, 0, 4, 1, "cpu")
     assert sleepy["sleep"]["median"] < 0.005 < sleepy["burn"]["median"]
 
 

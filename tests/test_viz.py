@@ -16,7 +16,7 @@ STATIC_SHA256 = {
     "d3.min.js": "bdad5585ef9a965ff25458738309b006058c55f2c78d794d25fbecae35014609",
     "jquery.slim.min.js": "9261efb3407e3a9096e4654750d8eff6b3a663422f48845c7fbcc65034c340cf",
 }
-# bertviz 1.4.1's own scripts, which peftlab.bertviz_offline rewrites (a new bertviz needs a look)
+# bertviz 1.4.1's own scripts, which peftlab.viz.bertviz_offline rewrites (a new bertviz needs a look)
 BERTVIZ_SHA256 = {
     "head_view.js": "32885444af280c1745d0552da79d8dbad6ce52b5a6b4bd1ef5384cc4a917d7c0",
     "model_view.js": "a22b6b559eebfb3898ff9b45930ca7a16f9e5fe9040b968d92e8c10991ea353c",
@@ -194,7 +194,7 @@ def test_static_files_are_the_published_ones():
 def test_installed_bertviz_is_the_pinned_one():
     from importlib import metadata, resources
 
-    from peftlab.bertviz_offline import BERTVIZ_VERSION
+    from peftlab.viz.bertviz_offline import BERTVIZ_VERSION
 
     assert metadata.version("bertviz") == BERTVIZ_VERSION
     constraints = Path(__file__).resolve().parents[1] / ".ci/constraints.txt"

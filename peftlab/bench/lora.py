@@ -1,32 +1,26 @@
-"""Benchmarks: ``python -m peftlab.bench lora [--device cuda] [--bf16] [--json PATH]``.
+"""The LoRA micro-benchmark: ``python -m peftlab.bench lora [--device cuda] [--bf16] [--json PATH]``.
 
-``python -m peftlab.bench speed [--rounds 2] [--json PATH]`` times the training loop against
-HF Trainer + peft (``peftlab.speedbench``); ``python -m peftlab.bench e2e [--seeds 0,1]``
-trains prefix-tuning and LoRA on SmolLM2 / E2E at one budget and scores BLEU
-(``peftlab.e2ebench``).
-
-The LoRA benchmark (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
-Models") measures, in one run on MiniLM sequence classification (r=8 on
-query/value, batch 16 x seq 64 of random token ids):
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") measured in one
+run on MiniLM sequence classification (r=8 on query/value, batch 16 x seq 64 of random token
+ids):
 
 * train-step time of peftlab LoRA vs HF peft LoRA vs full fine-tuning (AdamW);
 * inference time of the base model vs peftlab merged vs peftlab unmerged;
 * peak training memory of LoRA vs full fine-tuning;
 * adapter file size vs model file size.
 
-Timings (``peftlab.timing``) interleave the variants round by round in a balanced order
+Timings (``peftlab.bench.timing``) interleave the variants round by round in a balanced order
 (rotated, and reversed every other round: ABBA), 20 rounds on the CPU, and judge on the
 median process CPU time (synchronised wall time on CUDA); the spread is printed with it.  Memory
 on CUDA is ``torch.cuda.max_memory_allocated`` during training steps; on the CPU
-each configuration runs in a fresh subprocess and reports its peak resident set
-size (``resource.getrusage``) minus the resident size just before the model was
-loaded -- i.e. weights + gradients + optimizer state + activations + allocator
-slack.  Explained in notebooks/03_lora.ipynb.
+each configuration runs in a fresh subprocess (``python -m peftlab.bench _mem ...``, see
+``peftlab.bench.cli``) and reports its peak resident set size (``resource.getrusage``) minus
+the resident size just before the model was loaded -- i.e. weights + gradients + optimizer
+state + activations + allocator slack.  Explained in notebooks/03_lora.ipynb.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -41,12 +35,12 @@ from typing import Callable
 
 import torch
 
-from .config import LoRAConfig
-from .inject import inject, merge
-from .io import save_adapter
-from .timing import interleaved_times
+from peftlab.bench.timing import interleaved_times
+from peftlab.config import LoRAConfig
+from peftlab.inject import inject, merge
+from peftlab.io import save_adapter
 
-__all__ = ["bench_lora", "main"]
+__all__ = ["MINILM_SHAPE", "bench_lora", "format_table", "memory_child"]
 TARGETS = ("query", "value")
 
 
@@ -62,7 +56,7 @@ def _load_minilm(device: str, random_init: bool = False) -> torch.nn.Module:
         config = transformers.BertConfig(**MINILM_SHAPE)
         config._attn_implementation = "eager"
         return transformers.BertForSequenceClassification(config).to(device)
-    from .hub import load_model
+    from peftlab.hub import load_model
 
     model, _ = load_model("minilm", task="classification", num_labels=2)
     return model.to(device)
@@ -118,7 +112,7 @@ def _inferer(model: torch.nn.Module, batch: dict, device: str, bf16: bool) -> Ca
 
 def _time(fns: dict[str, Callable[[], None]], warmup: int, rounds: int, reps: int,
           device: str) -> dict[str, dict[str, float]]:
-    """Per-call timing summaries of each function (``peftlab.timing``, balanced order).
+    """Per-call timing summaries of each function (``peftlab.bench.timing``, balanced order).
 
     The clock that judges: process CPU time on the CPU (a busy shared machine distorts it far
     less than wall time), synchronised wall time on CUDA.
@@ -161,7 +155,7 @@ def _hwm_mb() -> float:
     return _peak_rss_mb()
 
 
-def _memory_child(kind: str, batch: int, seq: int, steps: int, random_init: bool) -> dict[str, float]:
+def memory_child(kind: str, batch: int, seq: int, steps: int, random_init: bool) -> dict[str, float]:
     """Run inside a fresh process: peak RSS of a few training steps above the pre-model baseline.
 
     Counts the weights, gradients, optimizer state and activations (plus allocator
@@ -304,60 +298,3 @@ def format_table(result: dict) -> str:
               f"training memory MiB ({what}): {mem}",
               f"adapter {result['adapter_bytes']:,} B vs model {result['model_bytes']:,} B"]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peftlab.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("which", choices=["lora", "speed", "e2e", "_mem"], help="benchmark to run")
-    parser.add_argument("--rounds", type=int, default=1, help="speed: rounds of the A B / B A order")
-    parser.add_argument("--quick", action="store_true", help="speed, e2e: a small subset (a smoke test)")
-    parser.add_argument("--seeds", default="0,1", help="e2e: comma-separated seeds, e.g. 0,1")
-    parser.add_argument("kind", nargs="?", default="lora", help=argparse.SUPPRESS)  # for the _mem child
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (meant for CUDA)")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--random-init", action="store_true", help="MiniLM's architecture with random weights")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.which == "_mem":
-        print(json.dumps(_memory_child(args.kind, args.batch, args.seq, 3, args.random_init)))
-        return 0
-    if args.which == "speed":
-        from .speedbench import bench_speed, format_speed
-
-        if args.rounds < 1:
-            parser.error(f"--rounds must be >= 1, got {args.rounds}")
-        result = bench_speed(quick=args.quick, rounds=args.rounds)
-        print(format_speed(result))
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2))
-        return 0
-    if args.which == "e2e":
-        from .e2ebench import bench_e2e, default_path, format_e2e
-
-        try:
-            seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
-        except ValueError:
-            parser.error(f"--seeds must be comma-separated integers such as 0,1; got {args.seeds!r}")
-        result = bench_e2e(seeds=seeds, quick=args.quick)
-        table = format_e2e(result)
-        print(table)
-        out = args.json or (None if args.quick else default_path())
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2))
-            out.with_suffix(".md").write_text(table + "\n")
-        return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but torch.cuda.is_available() is False")
-    result = bench_lora(args.device, args.bf16, args.batch, args.seq, random_init=args.random_init)
-    print(format_table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

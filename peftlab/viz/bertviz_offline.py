@@ -29,6 +29,9 @@ prefix-tuned peftlab model returns it: (1, heads, T, m + T) with T tokens. Those
 labelled P0, P1, ... (bertviz shows it like an encoder-decoder's cross attention: queries on
 the left, the m + T keys on the right). They also accept a :class:`peftlab.viz.AttentionMaps`
 in place of ``attention`` (``tokens`` then defaults to its tokens).
+
+Called through ``peftlab.viz.enable_offline_bertviz``; the views are shown in
+``notebooks/07_attention_visualization.ipynb``, section "bertviz views".
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import importlib
 import inspect
 import re
 from importlib import resources
+
+from peftlab.viz.maps import prefix_names
 
 __all__ = ["BERTVIZ_VERSION", "LIBRARIES", "enable", "offline_html", "offline_script"]
 
@@ -90,7 +95,7 @@ def _params_once(code: str) -> str:
         else:  # JSON has "<" only inside strings, where \u003c is the same character
             lines[i] = head + body[:n].replace("<", "\\u003c") + _PARAMS_SEP + "PYTHON_PARAMS" + _PARAMS_END
         return "\n".join(lines)
-    raise RuntimeError("bertviz's script has no 'const params = ...' line; peftlab.bertviz_offline "
+    raise RuntimeError("bertviz's script has no 'const params = ...' line; peftlab.viz.bertviz_offline "
                        f"was written for bertviz {BERTVIZ_VERSION}")
 
 
@@ -142,7 +147,7 @@ def offline_script(code: str) -> str:
     code, found = _REQUIRE_CONFIG.subn("", code, count=1)
     if not found or "requirejs(" not in code:
         raise RuntimeError(f"bertviz's script no longer has bertviz {BERTVIZ_VERSION}'s require.config "
-                           "block; peftlab.bertviz_offline cannot make it draw offline")
+                           "block; peftlab.viz.bertviz_offline cannot make it draw offline")
     code = _params_once(code)
     if "</script" in code.lower():
         raise RuntimeError("bertviz's script contains '</script' and cannot be inlined")
@@ -215,8 +220,6 @@ def _prefix_aware(original):
             queries, keys = attention[0].shape[-2:]
             m = keys - len(tokens)
             if m > 0 and queries == len(tokens):
-                from .viz import prefix_names
-
                 if args_.get("sentence_b_start") is not None:
                     raise ValueError("sentence_b_start cannot be combined with prefix keys: bertviz "
                                      "splits queries and keys at the same position")

@@ -13,6 +13,7 @@ warm-up steps, linear decay, weight decay and gradient clipping, and both then s
 whole test split. Each runs in a fresh process (so neither inherits the other's allocator or
 thread state); the wall time and process CPU time of training and of test evaluation are
 reported, with test accuracy. ``--rounds 2`` runs the order A B B A and reports the mean.
+Each run is ``python -m peftlab.bench.speed _child VARIANT QUICK SEED`` (prints one JSON line).
 Explained in ``notebooks/06_training.ipynb``, section "Why the loop is fast".
 """
 
@@ -104,7 +105,7 @@ def run_hf(quick: bool = False, seed: int = 0) -> dict:
 
 
 def _child(variant: str, quick: bool, seed: int) -> dict:
-    cmd = [sys.executable, "-m", "peftlab.speedbench", "_child", variant, "1" if quick else "0", str(seed)]
+    cmd = [sys.executable, "-m", "peftlab.bench.speed", "_child", variant, "1" if quick else "0", str(seed)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"the {variant} run failed:\n{done.stderr[-3000:]}")

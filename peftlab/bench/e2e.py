@@ -4,8 +4,9 @@ Prefix-tuning (Li & Liang 2021) and LoRA (Hu et al. 2021) on the embedded SmolLM
 trained on E2E NLG (Novikova et al. 2017) with the same budget: ``steps`` optimizer steps of
 ``batch`` table/sentence pairs (loss on the sentence only, ``data.tokenize_e2e``), linear decay
 after a 10 % warm-up, each method at its own learning rate. Each (method, seed) runs in a fresh
-process. Scored on the first ``tables`` held-out test tables (every human reference of a table
-counts): greedy decoding with the KV cache, first line of the output, corpus BLEU and ROUGE-L
+process (``python -m peftlab.bench.e2e _child METHOD SEED QUICK``, which prints one JSON line).
+Scored on the first ``tables`` held-out test tables (every human reference of a table counts):
+greedy decoding with the KV cache, first line of the output, corpus BLEU and ROUGE-L
 (``peftlab.metrics``). The untouched base model is scored the same way once.
 
 Two seeds per method show whether the budget is long enough for a stable number (each seed
@@ -89,7 +90,7 @@ def run_one(method: str, seed: int, budget: dict) -> dict:
 
 
 def _child(method: str, seed: int, quick: bool) -> dict:
-    cmd = [sys.executable, "-m", "peftlab.e2ebench", "_child", method, str(seed), "1" if quick else "0"]
+    cmd = [sys.executable, "-m", "peftlab.bench.e2e", "_child", method, str(seed), "1" if quick else "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"the E2E {method} run (seed {seed}) failed:\n{done.stderr[-3000:]}")

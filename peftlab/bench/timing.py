@@ -9,8 +9,8 @@ the process CPU time (all threads), which other processes disturb far less than 
 on CUDA it is wall time with synchronisation. Each variant's median is reported with its
 spread (min, quartiles, max), so a reader sees how much to trust a ratio.
 
-Used by ``peftlab.bench`` (LoRA step and inference timings) and ``peftlab.benchtable`` (the
-step-time column of the reference table).
+Used by ``peftlab.bench.lora`` (LoRA step and inference timings) and ``peftlab.bench.table``
+(the step-time column of the reference table).
 """
 
 from __future__ import annotations

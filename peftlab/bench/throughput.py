@@ -9,7 +9,7 @@ Two benchmarks, each printing ratios measured in the same process with interleav
   bottleneck adapters (Houlsby, Pfeiffer, parallel), prefix- and prompt tuning: the
   deployment trade-off of ``notebooks/08_deployment.ipynb``.
 
-``python -m peftlab.throughput prefix|serve [--device cuda] [--bf16] [--random-init]``.
+``python -m peftlab.bench.throughput prefix|serve [--device cuda] [--bf16] [--random-init]``.
 ``--random-init`` builds the same architectures with random weights (same shapes, same
 FLOPs) for machines that do not have the embedded model packages, such as a lent GPU box.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from peftlab import inject, merge
-from peftlab.bench import MINILM_SHAPE
+from peftlab.bench.lora import MINILM_SHAPE
 from peftlab.config import AdapterConfig, LoRAConfig, PrefixConfig, PromptTuningConfig
 
 # SmolLM2-135M-Instruct's architecture, for --random-init
@@ -200,7 +200,7 @@ def format_prefix(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peftlab.throughput", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m peftlab.bench.throughput", description=__doc__.split("\n")[0])
     parser.add_argument("which", choices=("prefix", "serve"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")

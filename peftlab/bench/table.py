@@ -2,11 +2,11 @@
 
 ``peftlab bench [--quick] [--device cuda] [--bf16] [--seeds 0,1,2]`` trains each method of
 ``peftlab.methods.METHODS`` for one full epoch (batch 32, max length 64, linear decay after a
-6 % warm-up, the method's own learning rate from ``LEARNING_RATES``) once per seed, scores the
-whole test split, and writes ``data/results/benchmark.md`` and ``benchmark.json`` with, per
-method: trainable parameters and share, test accuracy and F1 as mean ± std over the seeds,
-train step time / full fine-tuning, peak training memory / full fine-tuning, inference
-latency / base model and the size of what must be stored after training.
+6 % warm-up, the method's own learning rate from ``peftlab.methods.LEARNING_RATES``) once per
+seed, scores the whole test split, and writes ``data/results/benchmark.md`` and
+``benchmark.json`` with, per method: trainable parameters and share, test accuracy and F1 as
+mean ± std over the seeds, train step time / full fine-tuning, peak training memory / full
+fine-tuning, inference latency / base model and the size of what must be stored after training.
 
 * Every (method, seed) runs in its own fresh Python process: a process's peak resident memory
   is a lifetime maximum, so only a fresh process measures one method's training alone. Memory
@@ -35,19 +35,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["BenchSettings", "run_bench", "format_markdown", "LABELS", "LEARNING_RATES"]
+from peftlab.methods import LEARNING_RATES
+
+__all__ = ["BenchSettings", "run_bench", "format_markdown", "reference", "LABELS"]
 
 LABELS = {
     "head": "head only (frozen body)", "full": "full fine-tuning", "peft-lora": "HF peft LoRA",
     "lora": "peftlab LoRA", "prefix": "prefix-tuning", "prompt": "prompt tuning",
     "houlsby": "Houlsby adapters", "pfeiffer": "Pfeiffer adapters",
 }
-# one learning rate per method at batch 32 for one epoch: LoRA and adapters ~2e-3, full fine-tuning
-# ~5e-5 (its updates touch every weight), the bare head and prompt tuning higher; prefix-tuning
-# through its MLP ~1e-3 (at 1e-2 the prefix takes nearly all attention within 60 steps and every
-# sentence gets the same [CLS] state). Tune them with peftlab.search.
-LEARNING_RATES = {"head": 1e-2, "full": 5e-5, "peft-lora": 2e-3, "lora": 2e-3, "prefix": 1e-3,
-                  "prompt": 3e-2, "houlsby": 2e-3, "pfeiffer": 2e-3}
 WARMUP = 0.06  # share of the steps
 
 
@@ -176,9 +172,9 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
     """Seconds of one training step of each method, interleaved in a balanced order.
 
     All models live in this one process and see the same real batch; each round times every
-    method once in ``peftlab.timing``'s balanced order (rotated, reversed every other round), so
-    slow drifts of a shared machine hit all of them alike. CPU: process CPU time; CUDA: wall
-    time with synchronisation. Returns median, min, quartiles and max per method.
+    method once in ``peftlab.bench.timing``'s balanced order (rotated, reversed every other
+    round), so slow drifts of a shared machine hit all of them alike. CPU: process CPU time;
+    CUDA: wall time with synchronisation. Returns median, min, quartiles and max per method.
     """
     import torch
 
@@ -207,7 +203,7 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
     tokens = tokenize_classification(train_ds, tok, s.max_length)
     batch = PadCollator(tok)([tokens[i] for i in range(min(s.batch_size, len(tokens)))])
     batch = {k: v.to(device) for k, v in batch.items()}
-    from peftlab.timing import interleaved_times
+    from peftlab.bench.timing import interleaved_times
 
     times = interleaved_times(steps, rounds=s.timing_rounds, warmup=2, device=device.type)
     return times["wall"] if device.type == "cuda" else times["cpu"]
@@ -218,7 +214,7 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
 def _subprocess(args: list[str], what: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        cmd = [sys.executable, "-m", "peftlab.benchtable", *args, "--out", str(out)]
+        cmd = [sys.executable, "-m", "peftlab.bench.table", *args, "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
             raise RuntimeError(f"bench of {what} failed:\n{proc.stderr[-4000:]}")
@@ -330,7 +326,7 @@ def format_markdown(data: dict) -> str:
 
 
 def _child(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m peftlab.benchtable")
+    parser = argparse.ArgumentParser(prog="python -m peftlab.bench.table")
     parser.add_argument("--child")
     parser.add_argument("--timing")
     parser.add_argument("--seed", type=int, default=0)
