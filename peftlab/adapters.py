@@ -348,7 +348,7 @@ def _load(model: nn.Module, d: Path, name: str) -> nn.Module:
         raw = read_adapter_json(d)
         config = AdapterConfig.from_dict(raw["peftlab"]["config"])
     except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise ValueError(f"{d / CONFIG_NAME} is not a valid peftlab adapter config ({exc}): save it again") from exc
+        raise ValueError(f"{d} does not hold a valid peftlab adapter config ({exc}): save it again") from exc
     try:
         tensors = load_file(str(d / WEIGHTS_NAME), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

@@ -65,13 +65,24 @@ def register_io(config_cls: type, saver: Callable, loader: Callable) -> None:
     _LOADERS[config_cls.method] = loader
 
 
+def _json_file(path: Path):
+    """Parse one JSON file; a parse error names the file (adapter folders hold two JSON files)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise json.JSONDecodeError(f"{path} is not valid JSON: {exc.msg}", exc.doc, exc.pos) from None
+    except UnicodeDecodeError:
+        raise json.JSONDecodeError(f"{path} is not UTF-8 text", "", 0) from None
+
+
 def read_adapter_json(directory: str | os.PathLike) -> dict:
     """``adapter_config.json`` of ``directory`` with peftlab's record (``peftlab_adapter.json``,
-    when present) under the key ``"peftlab"``; raises ``json.JSONDecodeError`` / ``OSError``."""
+    when present) under the key ``"peftlab"``; raises ``json.JSONDecodeError`` (its message
+    names the bad file) or ``OSError``."""
     d = Path(directory)
-    raw = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
+    raw = _json_file(d / CONFIG_NAME)
     if isinstance(raw, dict) and (d / PEFTLAB_NAME).is_file():
-        raw["peftlab"] = json.loads((d / PEFTLAB_NAME).read_text(encoding="utf-8"))
+        raw["peftlab"] = _json_file(d / PEFTLAB_NAME)
     return raw
 
 
@@ -254,8 +265,8 @@ def _read_config(d: Path) -> tuple[LoRAConfig, bool, str | list[str] | None]:
     path = d / CONFIG_NAME
     try:
         raw = read_adapter_json(d)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): the adapter directory is corrupt, save it again") from exc
+    except json.JSONDecodeError as exc:  # its message names the file: adapter_config.json or peftlab_adapter.json
+        raise ValueError(f"{exc}: the adapter directory is corrupt, save it again") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}: save the adapter again")
     _check_init(path, raw.get("init_lora_weights", True))

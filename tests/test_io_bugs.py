@@ -517,3 +517,23 @@ def test_checkpoint_with_bad_tensor_is_refused(tmp_path, file, damage, words):
         assert w in str(info.value)
     assert _same(_trainable(other), weights)
     assert _same(_opt_tensors(other_opt), state)
+
+
+@pytest.mark.parametrize("bad_file", ["adapter_config.json", "peftlab_adapter.json"])
+def test_corrupt_json_error_names_the_file_that_is_bad(tmp_path, bad_file):
+    """Two JSON files live in an adapter folder: the error must say which one is broken."""
+    import peftlab
+    from lora_helpers import ARCHS
+
+    factory, targets = ARCHS["bert"]
+    model = peftlab.inject(factory().eval(), peftlab.LoRAConfig(r=2, target_modules=targets))
+    folder = peftlab.save_adapter(model, tmp_path / "a")
+    (folder / bad_file).write_text("{not json", encoding="utf-8")
+    fresh = factory().eval()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        peftlab.load_adapter(fresh, folder)
+    assert bad_file in str(err.value)
+    other = ({"adapter_config.json", "peftlab_adapter.json"} - {bad_file}).pop()
+    assert other not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
