@@ -82,7 +82,10 @@ def test_smollm2_generate_peft_round_trip_and_checkpointing(smol, tmp_path):
     with torch.no_grad():
         theirs = twin(**ids).logits
         mine = model(**ids).logits  # default positions: save_adapter rotated the keys for peft's numbering
-    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    # the rotated keys are rounded to float32 in the file; through 30 layers that leaves a few 1e-5 on
+    # logits of size ~10 (the tiny-model tests in test_prefix_positions.py hold 1e-5); unrotated keys
+    # at peft's default positions would be off by whole units
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-5)
     model.activation_checkpointing_enable()
     model.train()
     labels = ids["input_ids"]
