@@ -3,13 +3,14 @@
 The package behind the peftlab course (``notebooks/``): LoRA, prefix-tuning and prompt
 tuning, bottleneck adapters, training, evaluation and visualisation, for transformers 5
 models on the CPU or CUDA. Importing it loads no model and touches no network; the
-heavier helpers (``peftlab.viz``, ``peftlab.search``, ``peftlab.metrics``) are imported on use.
+heavier helpers (``peftlab.viz``, ``peftlab.search``, ``peftlab.bench``) are imported on use.
 """
 
 from peftlab import data, hub, runtime
 
-# Importing a method module registers it with ``inject`` (see ``peftlab.inject.register_method``).
-from peftlab import adapters, prefix, prompt  # noqa: F401  (registration)
+# the methods' own modules, reachable as peftlab.lora, peftlab.prefix, ... (registration does not
+# depend on these imports: peftlab.registry finds each method's record when it is first needed)
+from peftlab import adapters, lora, prefix, prompt
 from peftlab.config import AdapterConfig, LoRAConfig, PrefixConfig, PromptTuningConfig
 from peftlab.data import load_e2e, load_sentiment
 from peftlab.hub import load_model
@@ -23,7 +24,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
-    # methods and their configs
+    # methods: their modules and configs
+    "adapters",
+    "lora",
+    "prefix",
+    "prompt",
     "AdapterConfig",
     "LoRAConfig",
     "PrefixConfig",

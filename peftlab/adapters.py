@@ -46,18 +46,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from .config import AdapterConfig
-from .inject import MethodHooks, configs, inject, register_method
-from .io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_json, register_io
-from .prefix import add_saves, delete_saves, mark_saves
-from .wrappers import ModulesToSaveWrapper
+from .inject import inject
+from .io import FORMAT_VERSION, read_adapter_json
+from .registry import MethodHooks, active_adapter, adapters_disabled, configs
+from .wrappers import adapter_dtype, add_saves, delete_saves, find_saves, mark_saves, saved_copies, saved_shapes
 
 __all__ = ["AdapterConfig", "Bottleneck", "AdapterBank", "Layout", "ARCHITECTURES", "register_architecture",
-           "adapter_sites", "adapter_parameters"]
+           "adapter_sites", "placement_parameters"]
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 ROLES = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",), "parallel": ("par",)}
@@ -143,8 +141,8 @@ class AdapterBank(nn.ModuleDict):
 
     def current(self) -> Bottleneck | None:
         root = self.__dict__["_root"]
-        name = root.__dict__.get("peftlab_active")
-        if name is None or root.__dict__.get("peftlab_disabled") or name not in self:
+        name = active_adapter(root)
+        if name is None or adapters_disabled(root) or name not in self:
             return None
         return self[name]
 
@@ -192,7 +190,7 @@ def _layout(model: nn.Module) -> Layout:
     return ARCHITECTURES[mt]
 
 
-def _layers(model: nn.Module, layout: Layout) -> list[nn.Module]:
+def _transformer_layers(model: nn.Module, layout: Layout) -> list[nn.Module]:
     hits = [m for n, m in model.named_modules()
             if isinstance(m, nn.ModuleList) and (n == layout.layers or n.endswith("." + layout.layers))]
     if len(hits) != 1:
@@ -213,7 +211,7 @@ def adapter_sites(model: nn.Module, placement: str) -> list[tuple[int, str, nn.M
     layout = _layout(model)
     paths = {"attn": layout.attn, "ffn": layout.ffn, "par": layout.parallel}
     out = []
-    for i, layer in enumerate(_layers(model, layout)):
+    for i, layer in enumerate(_transformer_layers(model, layout)):
         for role in ROLES[placement]:
             try:
                 out.append((i, role, layer.get_submodule(paths[role])))
@@ -223,9 +221,12 @@ def adapter_sites(model: nn.Module, placement: str) -> list[tuple[int, str, nn.M
     return out
 
 
-def adapter_parameters(d: int, b: int, placement: str, num_layers: int) -> int:
-    """Parameters one adapter adds: (2*d*b + b + d) per site, times sites per layer, times layers."""
-    return (2 * d * b + b + d) * len(ROLES[placement]) * num_layers
+def placement_parameters(d: int, b: int, placement: str, num_layers: int) -> int:
+    """Parameters one adapter of ``placement`` adds: ``peftlab.lowrank.adapter_parameters`` with the
+    placement's sites per layer (houlsby 2, pfeiffer 1, parallel 1)."""
+    from .lowrank import adapter_parameters
+
+    return adapter_parameters(d, b, len(ROLES[placement]), num_layers)
 
 
 # -- inject / trainable / delete hooks ------------------------------------------------------
@@ -266,7 +267,7 @@ def _inject_adapter(model: nn.Module, config: AdapterConfig, name: str) -> None:
     add_saves(model, config.modules_to_save, name)  # checks every entry before wrapping any
     mode = _layout(model).parallel_mode
     ref = next(model.parameters())
-    dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+    dtype = adapter_dtype(ref)  # float32 on a half-precision base
     for _, role, module in sites:
         device = next(module.parameters(), ref).device
         bank = _attach(module, role, model, mode)
@@ -302,30 +303,13 @@ def _refuse_unload(model: nn.Module, name: str) -> None:
                        f"remove it with peftlab.delete(model, {name!r}) first")
 
 
-register_method(AdapterConfig, MethodHooks(_inject_adapter, _mark_adapter_trainable, _delete_adapter,
-                                           merge=_refuse_merge, unload=_refuse_unload))
-
-
 # -- saving and loading (peftlab's own format, see the module docstring) ---------------------
-def _copies(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for path, mod in model.named_modules():
-        if isinstance(mod, ModulesToSaveWrapper) and name in mod.modules_to_save:
-            for k, v in mod.modules_to_save[name].state_dict(keep_vars=True).items():
-                out[f"modules_to_save.{path}.{k}"] = v
-    return out
-
-
-def _expected(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, tuple], dict]:
+def _expected_bottleneck_keys(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, tuple], dict]:
     """Tensor keys and shapes an adapter of ``config`` has in ``model``, and its JSON metadata; pure."""
     sites, d, b = _plan(model, config)
     shapes = {"W_down": (b, d), "b_down": (b,), "W_up": (d, b), "b_up": (d,)}
     keys = {f"layers.{i}.{role}.{p}": s for i, role, _ in sites for p, s in shapes.items()}
-    for key in config.modules_to_save:
-        hits = [(p, m) for p, m in model.named_modules() if p == key or p.endswith("." + key)]
-        for path, mod in hits:
-            src = mod.original_module if isinstance(mod, ModulesToSaveWrapper) else mod
-            keys.update({f"modules_to_save.{path}.{k}": tuple(v.shape) for k, v in src.state_dict().items()})
+    keys.update(saved_shapes(find_saves(model, config.modules_to_save)))
     meta = {"format": FORMAT, "model_type": model.config.model_type, "hidden_size": d, "bottleneck": b,
             "num_layers": len({i for i, _, _ in sites})}
     return keys, meta
@@ -335,29 +319,25 @@ def _save(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     config = configs(model)[name]
     live = {f"layers.{i}.{role}.{p}": t for i, role, mod in adapter_sites(model, config.placement)
             for p, t in mod._modules[f"adapter_{role}"][name].named_parameters()}
-    live.update(_copies(model, name))
-    _, meta = _expected(model, config)
+    live.update(saved_copies(model, name))
+    _, meta = _expected_bottleneck_keys(model, config)
     meta["peftlab"] = {"format_version": FORMAT_VERSION, "adapter_name": name, "config": config.to_dict()}
     meta["base_model_name_or_path"] = getattr(model.config, "name_or_path", None) or None
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in live.items()}, meta
 
 
-def _load(model: nn.Module, d: Path, name: str) -> nn.Module:
+def _load(model: nn.Module, d: Path, name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Check everything against ``model``, then inject adapter ``name`` and copy the tensors in."""
     try:
         raw = read_adapter_json(d)
         config = AdapterConfig.from_dict(raw["peftlab"]["config"])
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise ValueError(f"{d} does not hold a valid peftlab adapter config ({exc}): save it again") from exc
-    try:
-        tensors = load_file(str(d / WEIGHTS_NAME), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{d / WEIGHTS_NAME} cannot be read ({exc}): the file is corrupt, save it again") from exc
     if name in configs(model):
         raise ValueError(f"an adapter named {name!r} is already injected: load under another name or delete it first")
     cls = type(model).__name__
     try:
-        required, meta = _expected(model, config)
+        required, meta = _expected_bottleneck_keys(model, config)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"adapter in {d} does not fit this {cls} (wrong base model?): {exc}") from exc
     wrong = [f"{k}: file {tuple(v.shape)} vs model {required[k]}" for k, v in tensors.items()
@@ -376,11 +356,18 @@ def _load(model: nn.Module, d: Path, name: str) -> nn.Module:
     inject(model, config, name)
     live = {f"layers.{i}.{role}.{p}": t for i, role, mod in adapter_sites(model, config.placement)
             for p, t in mod._modules[f"adapter_{role}"][name].named_parameters()}
-    live.update(_copies(model, name))
+    live.update(saved_copies(model, name))
     with torch.no_grad():
         for k, v in tensors.items():
             live[k].copy_(v)
     return model
 
 
-register_io(AdapterConfig, _save, _load)
+def owns_adapter(parameter_name: str) -> bool:
+    """Bottleneck parameters live in the ``adapter_<role>`` banks attached to sub-layers."""
+    return ".adapter_" in parameter_name or parameter_name.startswith("adapter_")
+
+
+HOOKS = MethodHooks(method="adapter", config=AdapterConfig, inject=_inject_adapter,
+                    mark_trainable=_mark_adapter_trainable, delete=_delete_adapter, save=_save, load=_load,
+                    owns=owns_adapter, merge=_refuse_merge, unload=_refuse_unload)

@@ -148,20 +148,33 @@ def _keep_copy(final: Path) -> Path:
     return backup
 
 
-def _new_folder(folder: Path, files: Mapping[str, Writer | None]) -> None:
-    """Build ``folder`` under a temporary name, then rename it into place: all or nothing."""
+def new_folder(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Create ``folder`` all or nothing: ``fill(build)`` writes into a temporary sibling, which is
+    flushed and renamed into place. The rename fails (rather than merging) if ``folder`` exists."""
+    folder = Path(folder)
     build = temp_path(folder)
     os.mkdir(build)  # mode 0o777 & ~umask, unlike tempfile.mkdtemp's 0o700
     try:
-        for name, write in files.items():
-            if write is not None:
-                _write(build / name, write)
+        fill(build)
+        for entry in build.iterdir():
+            if entry.is_file():
+                fsync_file(entry)
         fsync_dir(build)
-        os.rename(build, folder)  # fails (rather than merging) if someone created folder meanwhile
+        os.rename(build, folder)
     except BaseException:
         _remove(build)
         raise
     fsync_dir(folder.parent)
+    return folder
+
+
+def _new_folder(folder: Path, files: Mapping[str, Writer | None]) -> None:
+    def fill(build: Path) -> None:
+        for name, write in files.items():
+            if write is not None:
+                _write(build / name, write)
+
+    new_folder(folder, fill)
 
 
 def replace_files(folder: str | os.PathLike, files: Mapping[str, Writer | None]) -> Path:

@@ -23,11 +23,12 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import atomic
 
 TASKS = ("classification", "causal-lm", "base")
 CACHE_ENV = "PEFTLAB_CACHE"
@@ -266,13 +267,13 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     print(
         f"peftlab: converting {gguf.name} to fp32 safetensors in {target} "
         "(once; about half a minute)...",
         file=sys.stderr,
     )
-    try:
+
+    def fill(build: Path) -> None:
         with _quiet(True):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
@@ -284,23 +285,22 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.config.name_or_path = EMBEDDED["smollm2"].hub_id
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+            model.save_pretrained(build, safe_serialization=True)
+            tokenizer.save_pretrained(build)
+        files = {p.name: p.stat().st_size for p in build.iterdir() if p.is_file()}
         meta = {"format": _CACHE_FORMAT, "source": gguf.name,
                 "source_size": gguf.stat().st_size, "files": files}
-        (tmp / _MARKER).write_text(json.dumps(meta, indent=1))
-        if target.exists():  # a damaged earlier attempt: move it aside, then drop it
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if cache_problem(target, gguf) is not None:  # not a finished rival process
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (build / _MARKER).write_text(json.dumps(meta, indent=1))
+
+    if target.exists():  # a damaged earlier attempt: move it aside, then drop it
+        old = atomic.temp_path(target)
+        target.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        atomic.new_folder(target, fill)  # built aside, flushed, renamed into place: never half a cache
+    except OSError:
+        if cache_problem(target, gguf) is not None:  # not a rival process that finished first
+            raise
     print("peftlab: conversion done.", file=sys.stderr)
 
 

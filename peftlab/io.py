@@ -1,33 +1,26 @@
-"""Saving and loading LoRA adapters in HF peft's on-disk format.
+"""Saving and loading adapters of every method: the files, their checks, and the dispatch.
 
-A LoRA adapter (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
-Models", arXiv:2106.09685) is tiny next to its base model, so only the adapter
-is written: ``adapter_config.json`` plus ``adapter_model.safetensors``.  The
-layout is the one HF peft uses, so ``peft.PeftModel.from_pretrained(base, dir)``
-reads what :func:`save_adapter` writes and :func:`load_adapter` reads what peft
-writes:
+An adapter folder holds ``adapter_model.safetensors`` (the tensors), ``adapter_config.json``
+(HF peft's config for methods peft has, so ``peft.PeftModel.from_pretrained`` reads it) and
+``peftlab_adapter.json`` (peftlab's own record: format version, adapter name, full config).
+:func:`save_adapter` asks the adapter's method (``peftlab.registry``) for its tensors and
+JSON and writes them; :func:`load_adapter` reads and checks the files (every tensor
+floating-point and finite, both files from one save), then hands them to the method's
+loader, which checks them against the model before it changes anything.
 
-* ``base_model.model.<module path>.lora_A.weight``  (r, in)
-* ``base_model.model.<module path>.lora_B.weight``  (out, r)
-* ``base_model.model.<module path>.<param>`` for each ``modules_to_save`` copy
-  (peft drops the ``modules_to_save.<name>`` part when saving)
-* ``base_model.model.<module path>.base_layer.bias`` etc. when biases are trained.
-
-Only safetensors and JSON are ever read -- never pickle (``torch.load``). Loading checks
-everything (keys, shapes, dtypes, finite values) before the model changes; saving replaces
-only the adapter's own files, each atomically (``peftlab/atomic.py``).
+Only safetensors and JSON are ever read -- never pickle (``torch.load``). Saving replaces
+only the adapter's own files, each atomically (``peftlab/atomic.py``). Each method's own
+format: ``peftlab/lora_io.py`` (LoRA, peft's layout), ``peftlab/prefix_io.py`` (prefix and
+prompt tuning, peft's layout), ``peftlab/adapters.py`` (bottleneck adapters, peftlab's own).
 Explained in notebooks/03_lora.ipynb.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import uuid
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,14 +28,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import atomic
-from .config import LoRAConfig
-from .inject import configs, inject
-from .lora import LoRALinear
-from .targets import checked_plan, find_modules, walk
-from .wrappers import ModulesToSaveWrapper
+from .registry import all_hooks, configs, hooks_for, hooks_for_method
+from .wrappers import SAVES_PREFIX
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter_json", "tensor_problem",
-           "CONFIG_NAME", "WEIGHTS_NAME", "PEFTLAB_NAME"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter_json", "read_adapter_config",
+           "tensor_problem",
+           "fmt_list", "CONFIG_NAME", "WEIGHTS_NAME", "PEFTLAB_NAME", "PEFT_PREFIX", "FORMAT_VERSION"]
 
 CONFIG_NAME = "adapter_config.json"
 # peftlab's own record of an adapter (format version, name, full config, shapes) lives beside
@@ -50,19 +41,8 @@ CONFIG_NAME = "adapter_config.json"
 # key of adapter_config.json it does not know.
 PEFTLAB_NAME = "peftlab_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."  # peft's prefix: PeftModel.base_model (LoraModel).model
+PEFT_PREFIX = "base_model.model."  # peft's key prefix: PeftModel.base_model (LoraModel).model
 FORMAT_VERSION = 1
-
-# -- other methods plug in here (peftlab/prefix_io.py: prefix and prompt tuning) ----------
-_SAVERS: dict[type, Callable] = {}  # config class -> saver(model, name) -> (tensors, meta)
-_LOADERS: dict[str, Callable] = {}  # config method -> loader(model, directory, name) -> model
-_PEFT_TYPES = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
-
-
-def register_io(config_cls: type, saver: Callable, loader: Callable) -> None:
-    """Let save_adapter / load_adapter handle configs of ``config_cls`` with these functions."""
-    _SAVERS[config_cls] = saver
-    _LOADERS[config_cls.method] = loader
 
 
 def _json_file(path: Path):
@@ -86,87 +66,39 @@ def read_adapter_json(directory: str | os.PathLike) -> dict:
     return raw
 
 
-def _method_of(d: Path) -> str | None:
-    """The peftlab method the adapter in ``d`` holds, if it is not LoRA's business."""
+def read_adapter_config(d: Path) -> dict:
+    """``read_adapter_json(d)`` as a dict, or a ValueError naming the bad file and the fix."""
     try:
         raw = read_adapter_json(d)
-        ours = raw.get("peftlab", {}).get("config", {}).get("method") if isinstance(raw.get("peftlab"), dict) else None
-        return ours or _PEFT_TYPES.get(raw.get("peft_type"))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, OSError):
-        return None  # the LoRA path reports the problem
+    except json.JSONDecodeError as exc:  # its message names the file: adapter_config.json or peftlab_adapter.json
+        raise ValueError(f"{exc}: the adapter directory is corrupt, save it again") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{d / CONFIG_NAME} must hold a JSON object, got {type(raw).__name__}: save the adapter again")
+    return raw
 
 
-def _bias_all_names(model: nn.Module, exclude: list[str], targets: list[str]) -> list[tuple[str, str]]:
-    """(current name, name after injection) of every bias trained by bias="all"."""
-    from .targets import base_parameters  # the base model's own biases, never another adapter's
-
-    out = []
-    for n, _ in base_parameters(model):
-        if not n.endswith("bias") or "lora_" in n or ".original_module." in n or ".modules_to_save." in n:
-            continue
-        owner = n.rsplit(".", 1)[0] if "." in n else ""
-        if any(owner == e or owner.startswith(e + ".") for e in exclude):
-            continue
-        out.append((n, f"{owner}.base_layer.bias" if owner in targets else n))
-    return out
+def _method_of(d: Path) -> str:
+    """The method of the adapter in ``d``: peftlab's record, else peft's ``peft_type``; a ValueError
+    naming the file when neither says (or the JSON is broken)."""
+    path = d / CONFIG_NAME
+    raw = read_adapter_config(d)
+    record = raw.get("peftlab")
+    ours = record.get("config", {}).get("method") if isinstance(record, dict) and isinstance(
+        record.get("config"), dict) else None
+    if isinstance(ours, str):
+        return ours
+    by_peft = {h.peft_type: h.method for h in all_hooks() if h.peft_type}
+    if raw.get("peft_type") in by_peft:
+        return by_peft[raw["peft_type"]]
+    raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}, but only {sorted(by_peft)} adapters "
+                     "(and peftlab's own folders) can be loaded here")
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors under peft's checkpoint keys (live tensors, not copies)."""
+    """Adapter ``name``'s tensors under the keys its file uses (LoRA: live tensors, peft's keys)."""
     if name not in configs(model):
         raise ValueError(f"no adapter named {name!r} in the model: injected adapters are {list(configs(model))}")
-    config = configs(model)[name]
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"adapter {name!r} is a {type(config).__name__}; only LoRA adapters can be saved so far")
-    out: dict[str, torch.Tensor] = {}
-    for path, mod in walk(model):
-        if isinstance(mod, LoRALinear) and name in mod.lora_A:
-            out[f"{PREFIX}{path}.lora_A.weight"] = mod.lora_A[name].weight
-            out[f"{PREFIX}{path}.lora_B.weight"] = mod.lora_B[name].weight
-            if config.bias == "lora_only" and mod.base_layer.bias is not None:
-                out[f"{PREFIX}{path}.base_layer.bias"] = mod.base_layer.bias
-        elif isinstance(mod, ModulesToSaveWrapper) and name in mod.modules_to_save:
-            for k, v in mod.modules_to_save[name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{path}.{k}"] = v
-    if config.bias == "all":
-        params = dict(model.named_parameters())
-        for n, _ in _bias_all_names(model, [], []):
-            out[PREFIX + n] = params[n]
-    return out
-
-
-def _task_type(model: nn.Module, config: LoRAConfig) -> str | None:
-    cls = type(model).__name__
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return "CAUSAL_LM"
-    # peft adds "classifier"/"score" to modules_to_save for SEQ_CLS and then expects their tensors,
-    # so only claim SEQ_CLS when the head is really saved
-    if cls.endswith("ForSequenceClassification") and {"classifier", "score"} & set(config.modules_to_save):
-        return "SEQ_CLS"
-    return None
-
-
-def _peft_config(model: nn.Module, config: LoRAConfig, name: str) -> dict:
-    lora_layers = [(p, m) for p, m in walk(model) if isinstance(m, LoRALinear) and name in m.lora_A]
-    targets = config.target_modules
-    if targets == "all-linear":  # peft's "all-linear" excludes slightly different heads: be explicit
-        targets = [p for p, _ in lora_layers]
-    return {
-        "peft_type": "LORA",
-        "task_type": _task_type(model, config),
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
-        "r": config.r,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": targets if isinstance(targets, str) else list(targets),
-        "modules_to_save": list(config.modules_to_save) or None,
-        "bias": config.bias,
-        "use_rslora": config.use_rslora,
-        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in lora_layers),
-        "init_lora_weights": True if config.init == "kaiming" else config.init,
-        "inference_mode": True,
-        "peftlab": {"format_version": FORMAT_VERSION, "adapter_name": name, "config": config.to_dict()},
-    }
+    return hooks_for(configs(model)[name]).save(model, name)[0]
 
 
 # One id per save, written into the weights' safetensors metadata and into peftlab_adapter.json
@@ -188,12 +120,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     adapter is at the path at every moment, and an interrupted save puts the old files back
     (``peftlab.atomic.replace_files``). Modes follow the umask (0755 / 0644 typically).
     """
-    saver = _SAVERS.get(type(configs(model).get(name)))
-    if saver is not None:  # prefix / prompt tuning build their own files
-        tensors, meta = saver(model, name)
-    else:
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
-        meta = _peft_config(model, configs(model)[name], name)
+    if name not in configs(model):
+        raise ValueError(f"no adapter named {name!r} in the model: injected adapters are {list(configs(model))}")
+    tensors, meta = hooks_for(configs(model)[name]).save(model, name)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory: choose a directory path for the adapter")
@@ -223,125 +153,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     return target
 
 
-# HF peft initialisations that also rewrite the base layer's weight when the adapter is created:
-# PiSSA, OLoRA, CorDA and LoRA-GA subtract the initial update (W <- W - scale * B0 A0), LoftQ
-# replaces W by a quantised approximation. Their A and B only fit that modified base, so loaded
-# onto the original weights they give wrong outputs. Matched as prefixes ("pissa_niter_16"), as peft does.
-_BASE_REWRITING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA",
-                         "loftq": "LoftQ"}
-# initialisations that only set lora_A / lora_B (which the saved tensors overwrite) and leave W alone
-_PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica"}
-
-
-def _check_init(path: Path, init) -> None:
-    """Refuse an adapter whose ``init_lora_weights`` changed the base weights, or is unknown."""
-    if init is None or isinstance(init, bool) or (isinstance(init, str) and init.lower() in _PLAIN_INITS):
-        return
-    where = f"{path}: init_lora_weights={init!r}"
-    method = next((v for k, v in _BASE_REWRITING_INITS.items() if isinstance(init, str) and init.lower().startswith(k)),
-                  None)
-    if method == "LoftQ":
-        raise ValueError(
-            f"{where} (LoftQ) replaced the base model's weights by a quantised approximation when the adapter was "
-            "created, so the adapter only fits that modified base, and peft has no conversion to a plain LoRA: load "
-            "it with peft onto the LoftQ-initialised base, or merge it there (peft's merge_and_unload()) and save the "
-            "full model")
-    if method is not None:
-        raise ValueError(
-            f"{where} ({method}) rewrote the base model's weights when the adapter was created (W - scale * B0 A0 for "
-            "the initial B0, A0), so the adapter only gives the right outputs on that modified base, while peftlab "
-            "loads LoRA adapters onto the original base weights. Convert it with peft into a plain LoRA adapter "
-            "(rank 2r) that needs no base change: peft_model.save_pretrained(out_dir, "
-            "path_initial_model_for_weight_conversion=<the adapter saved right after initialisation, before "
-            "training>), then load out_dir")
-    raise ValueError(
-        f"{where} is an initialisation peftlab does not know. Some (PiSSA, OLoRA, LoftQ...) rewrite the base weights, "
-        "and such an adapter gives wrong outputs on the original base; if this one only initialises lora_A / lora_B, "
-        "set init_lora_weights to true in adapter_config.json to load it")
-
-
-def _read_config(d: Path) -> tuple[LoRAConfig, bool, str | list[str] | None]:
-    """Parse the adapter's JSON -> (config, written_by_peftlab, peft's exclude_modules)."""
-    path = d / CONFIG_NAME
-    try:
-        raw = read_adapter_json(d)
-    except json.JSONDecodeError as exc:  # its message names the file: adapter_config.json or peftlab_adapter.json
-        raise ValueError(f"{exc}: the adapter directory is corrupt, save it again") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}: save the adapter again")
-    _check_init(path, raw.get("init_lora_weights", True))
-    if isinstance(raw.get("peftlab"), dict) and "config" in raw["peftlab"]:
-        return LoRAConfig.from_dict(raw["peftlab"]["config"]), True, None
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}, but only 'LORA' adapters can be loaded here")
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "lora_bias",
-                               "trainable_token_indices", "target_parameters") if raw.get(k)]
-    if unsupported:
-        raise ValueError(f"{path} uses peft features peftlab does not implement: {unsupported}")
-    init = raw.get("init_lora_weights", True)
-    targets = raw.get("target_modules")
-    config = LoRAConfig(
-        r=raw.get("r", 8),
-        alpha=raw.get("lora_alpha", 8),
-        dropout=raw.get("lora_dropout", 0.0),
-        target_modules=targets if isinstance(targets, str) else tuple(sorted(targets or ())),
-        modules_to_save=tuple(raw.get("modules_to_save") or ()),
-        bias=raw.get("bias", "none"),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        init="gaussian" if init == "gaussian" else "kaiming",
-    )
-    exclude = raw.get("exclude_modules") or None
-    if exclude is not None and not (isinstance(exclude, str) or (
-            isinstance(exclude, list) and all(isinstance(e, str) for e in exclude))):
-        raise ValueError(f"{path}: exclude_modules must be a regex string or a list of module names, got {exclude!r}")
-    return config, False, exclude
-
-
-def _is_excluded(name: str, exclude: str | list[str]) -> bool:
-    """HF peft's rule (``check_target_module_exists``): a string is a full-match regex on the
-    module's dotted name, a list excludes a name that equals an entry or ends with "." + entry."""
-    if isinstance(exclude, str):
-        return re.fullmatch(exclude, name) is not None
-    return any(name == e or name.endswith("." + e) for e in exclude)
-
-
-def _without_excluded(model: nn.Module, config: LoRAConfig, exclude: str | list[str], path: Path) -> LoRAConfig:
-    """``config`` with target_modules spelled out as the selected modules minus peft's exclude_modules."""
-    plan = find_modules(model, config)
-    selected = [n for n, _, _ in plan.targets + plan.unsupported]  # unsupported ones still raise in checked_plan
-    kept = tuple(n for n in selected if not _is_excluded(n, exclude))
-    if selected and not kept:
-        raise ValueError(f"{path}: exclude_modules={exclude!r} excludes every module target_modules="
-                         f"{config.target_modules!r} selects in this {type(model).__name__}, so the adapter adapts "
-                         "nothing here: load it onto the base model it was trained on")
-    return dataclasses.replace(config, target_modules=kept) if selected else config
-
-
-def _expected(model: nn.Module, config: LoRAConfig, name: str) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """Checkpoint keys the adapter must provide and optional (bias) keys, each with its shape."""
-    plan = checked_plan(model, config, name)
-    required: dict[str, tuple] = {}
-    optional: dict[str, tuple] = {}
-    for path, mod, _ in plan.targets:
-        base = mod.base_layer if isinstance(mod, LoRALinear) else mod
-        w = base.weight  # nn.Linear: (out, in); Conv1D: (in, out)
-        fan_in, fan_out = (w.shape[1], w.shape[0]) if isinstance(base, nn.Linear) else (w.shape[0], w.shape[1])
-        required[f"{PREFIX}{path}.lora_A.weight"] = (config.r, fan_in)
-        required[f"{PREFIX}{path}.lora_B.weight"] = (fan_out, config.r)
-        if config.bias == "lora_only" and base.bias is not None:
-            optional[f"{PREFIX}{path}.base_layer.bias"] = tuple(base.bias.shape)
-    for path, mod in plan.saves:
-        src = mod.original_module if isinstance(mod, ModulesToSaveWrapper) else mod
-        required.update({f"{PREFIX}{path}.{k}": tuple(v.shape) for k, v in src.state_dict().items()})
-    if config.bias == "all":
-        params = dict(model.named_parameters())
-        saves = [p for p, _ in plan.saves]
-        for now, later in _bias_all_names(model, saves, [p for p, _, _ in plan.targets]):
-            optional[PREFIX + later] = tuple(params[now].shape)
-    return required, optional
-
-
-def _fmt(items: list[str], limit: int = 5) -> str:
+def fmt_list(items: list[str], limit: int = 5) -> str:
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return "; ".join(items[:limit]) + more
 
@@ -385,13 +197,13 @@ def _check_weights(model: nn.Module, d: Path, tensors: dict[str, torch.Tensor], 
     own = {n: t.dtype for n, t in model.state_dict(keep_vars=True).items()}
 
     def like(key: str) -> torch.dtype | None:
-        name = key.removeprefix(PREFIX).removeprefix("modules_to_save.")  # peft's / prefix_io's layouts
+        name = key.removeprefix(PEFT_PREFIX).removeprefix(SAVES_PREFIX)  # peft's / prefix_io's layouts
         owner, _, leaf = name.rpartition(".")
         return own.get(name, own.get(f"{owner}.original_module.{leaf}"))  # the module may be wrapped already
 
     problems = [f"tensor {k!r} {p}" for k, v in tensors.items() if (p := tensor_problem(v, like(k))) is not None]
     if problems:
-        raise ValueError(f"{d / WEIGHTS_NAME}: {_fmt(problems)}; refusing to load it (a damaged file, or one saved "
+        raise ValueError(f"{d / WEIGHTS_NAME}: {fmt_list(problems)}; refusing to load it (a damaged file, or one saved "
                          "from a diverged run): save the adapter again or load an earlier one")
     try:
         record = json.loads((d / PEFTLAB_NAME).read_text(encoding="utf-8")) if (d / PEFTLAB_NAME).is_file() else None
@@ -408,8 +220,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
 
     Everything (files, config, keys, shapes, dtypes, finite values) is checked before the
     model is changed; on any error the model is left exactly as it was.  Returns ``model``.
-    HF peft adapters whose ``init_lora_weights`` rewrote the base weights (PiSSA, OLoRA,
-    CorDA, LoRA-GA, LoftQ) are refused, with how to convert them; ``exclude_modules`` is honoured.
+    The folder's method (peftlab's record, else peft's ``peft_type``) picks the method's loader.
     """
     d = Path(directory)
     if not d.is_dir():
@@ -425,40 +236,4 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         raise FileNotFoundError(f"{d / CONFIG_NAME} is missing: the adapter directory is incomplete")
     tensors, metadata = _read_weights(d)
     _check_weights(model, d, tensors, metadata)
-    loader = _LOADERS.get(_method_of(d))
-    if loader is not None:  # prefix / prompt tuning read their own files
-        return loader(model, d, name)
-    config, ours, exclude = _read_config(d)
-    if not ours and config.modules_to_save:  # peft lists heads (e.g. "score") that may not exist in this model
-        present = tuple(k for k in config.modules_to_save if k not in find_modules(model, config).unmatched_saves)
-        config = dataclasses.replace(config, modules_to_save=present)
-    if exclude is not None:
-        config = _without_excluded(model, config, exclude, d / CONFIG_NAME)
-    if name in configs(model):
-        raise ValueError(f"an adapter named {name!r} is already injected: load under another name or delete it first")
-    try:
-        required, optional = _expected(model, config, name)
-    except ValueError as exc:
-        raise ValueError(f"adapter in {d} does not fit this {type(model).__name__} (wrong base model?): {exc}") from exc
-    if config.bias == "all":  # peft also writes the bias of the frozen original / copy under wrapper paths;
-        # the copy's bias is already present as "<path>.bias", so these duplicates are dropped
-        tensors = {k: v for k, v in tensors.items()
-                   if not (k.endswith("bias") and (".original_module." in k or ".modules_to_save." in k))}
-    missing = [k for k in required if k not in tensors]
-    unexpected = [k for k in tensors if k not in required and k not in optional]
-    shapes = {**required, **optional}
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {shapes[k]}" for k, v in tensors.items()
-             if k in shapes and tuple(v.shape) != shapes[k]]
-    if missing or unexpected or wrong:
-        parts = [f"shape mismatch: {_fmt(wrong)}" if wrong else "", f"missing keys: {_fmt(missing)}" if missing else "",
-                 f"unexpected keys: {_fmt(unexpected)}" if unexpected else ""]
-        raise ValueError(
-            f"adapter in {d} does not fit this {type(model).__name__} -- " + " | ".join(p for p in parts if p)
-            + ": load it onto the base model it was trained on"
-        )
-    inject(model, config, name)
-    live = adapter_state_dict(model, name)
-    with torch.no_grad():
-        for k, v in tensors.items():
-            live[k].copy_(v)
-    return model
+    return hooks_for_method(_method_of(d)).load(model, d, name, tensors)

@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tree import AdapterLayer
+from .wrappers import adapter_dtype
+
 try:  # GPT-2 style layer storing its weight transposed, (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency in practice
     Conv1D = None  # type: ignore[assignment,misc]
 
-__all__ = ["LoRALinear", "SUPPORTED_TYPES", "is_supported"]
+__all__ = ["LoRALinear", "SUPPORTED_TYPES", "is_supported", "linear_shape"]
 
 SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
@@ -39,7 +42,18 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_TYPES)
 
 
-class LoRALinear(nn.Module):
+def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of an ``nn.Linear`` or GPT-2 ``Conv1D``.
+
+    ``nn.Linear`` keeps its weight as (out, in) and computes x W^T; ``Conv1D`` keeps (in, out) and
+    computes x W (``fan_in_fan_out``, HF peft's name for it). The one place peftlab reads the layout.
+    """
+    transposed = Conv1D is not None and isinstance(module, Conv1D)
+    rows, cols = module.weight.shape
+    return (rows, cols, True) if transposed else (cols, rows, False)
+
+
+class LoRALinear(AdapterLayer):
     """Wrap an ``nn.Linear`` or GPT-2 ``Conv1D`` with any number of named LoRA adapters.
 
     Input ``x``: (..., in_features); output: (..., out_features), same as the base layer.
@@ -71,11 +85,7 @@ class LoRALinear(nn.Module):
             names = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
             raise TypeError(f"LoRALinear cannot wrap {type(base_layer).__name__}; supported types: {names}")
         self.base_layer = base_layer
-        # Conv1D keeps weight as (in, out) and computes x @ W; nn.Linear keeps (out, in), x @ W^T
-        self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        # nn.Linear weight: (out, in); Conv1D weight: (in, out)
-        self.in_features, self.out_features = tuple(w.shape) if self.fan_in_fan_out else tuple(w.shape)[::-1]
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -101,8 +111,7 @@ class LoRALinear(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in this layer: pick another name or delete it first")
         w = self.base_layer.weight
-        # low-precision bases keep their adapters in float32 (as HF peft does by default)
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = adapter_dtype(w)  # float32 on a half-precision base
         a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)  # weight (r, in)
         b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)  # weight (out, r)
         with torch.no_grad():
@@ -132,6 +141,20 @@ class LoRALinear(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
+
+    def activate(self, name: str | None) -> None:
+        self.active = {name} if name in self.lora_A else set()
+
+    @property
+    def is_merged(self) -> bool:
+        return bool(self.merged)
+
+    def unloaded(self) -> nn.Module:
+        """The base layer with the active adapters folded in (those not merged yet)."""
+        pending = [n for n in sorted(self.active) if n not in self.merged]
+        if pending:
+            self.merge(pending)
+        return self.base_layer
 
     # -- merging ------------------------------------------------------------------
     def _merge_dtype(self) -> torch.dtype:

@@ -174,6 +174,14 @@ def token_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits[:, extra:]  # (B, T, V)
 
 
+def predicts_next_token(model) -> bool:
+    """Whether ``model``'s token logits at position t predict token t + 1 (a causal language model),
+    rather than label token t itself (token classification, e.g. ``BertForTokenClassification``)."""
+    name = type(model).__name__
+    return name.endswith(("ForCausalLM", "LMHeadModel")) or bool(getattr(getattr(model, "config", None),
+                                                                        "is_decoder", False))
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -186,7 +194,9 @@ def evaluate(model, data, batch_size: int = 128, *, autocast_dtype=None,
     Classification (one label per row): ``loss``, ``accuracy``, ``f1``, ``roc_auc``.
     Causal LM (token labels, -100 ignored): ``loss`` = mean NLL per predicted token,
     ``perplexity`` = exp(loss) and ``token_accuracy`` (share of argmax predictions that hit the
-    next token). A prompt-tuned model's virtual-token positions are not scored (``token_logits``).
+    next token). Token classification (labels (B, T) on a model that is not a causal LM, see
+    ``predicts_next_token``): the same three over each token's own label, unshifted.
+    Any other label shape (multi-label, regression) raises ``ValueError``. A prompt-tuned model's virtual-token positions are not scored (``token_logits``).
     The global random states are the same afterwards as before (``rng_preserved``).
     """
     # around the whole call: the loader draws a seed, and even importing scikit-learn moves `random`
@@ -199,6 +209,7 @@ def _evaluate(model, data, batch_size: int, autocast_dtype, pad_token_id: int | 
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     loader = as_loader(data, batch_size, pad_token_id=pad_token_id)
     device = _device_of(model)
+    causal = predicts_next_token(model)
     was_training = model.training
     model.eval()
     labels, logits, nll, tokens, hits = [], [], 0.0, 0, 0
@@ -212,9 +223,17 @@ def _evaluate(model, data, batch_size: int, autocast_dtype, pad_token_id: int | 
                 labels.append(y.cpu())
                 logits.append(out.logits.float().cpu())
                 continue
-            # causal LM: shift so that the logits at token t score token t + 1
-            z = token_logits(out.logits, y)[:, :-1].float()  # (B, T - 1, V)
-            target = y[:, 1:]  # (B, T - 1)
+            if out.logits.dim() != 3:
+                raise ValueError(
+                    f"labels shaped {tuple(y.shape)} with logits shaped {tuple(out.logits.shape)}: peftlab.evaluate "
+                    "scores one class id per example (labels (B,)) or one token label per position (labels (B, T), "
+                    "logits (B, T, V)); multi-label or regression targets need their own metric")
+            if causal:  # shift so that the logits at token t score token t + 1
+                z = token_logits(out.logits, y)[:, :-1].float()  # (B, T - 1, V)
+                target = y[:, 1:]  # (B, T - 1)
+            else:  # token classification: the logits at token t score token t's own label
+                z = token_logits(out.logits, y).float()  # (B, T, C)
+                target = y  # (B, T)
             mask = target != -100
             picked = z.log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T - 1)
             nll -= float(picked[mask].sum())

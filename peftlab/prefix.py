@@ -17,7 +17,8 @@ learned input embeddings) lives in ``peftlab/prompt.py``.
 How it plugs into transformers 5 (no ``past_key_values`` plumbing): BERT, RoBERTa,
 DistilBERT, GPT-2 and Llama attention layers project q, k, v (apply RoPE, update the
 KV cache) and then call ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
-eager)``. peftlab registers the implementation ``"peftlab_prefix"``: it prepends the
+eager)``. peftlab registers the implementation ``"peftlab_prefix"`` (the plumbing is in
+``peftlab/attention.py``): it prepends the
 layer's prefix (post-RoPE: prefix keys carry no position), prepends m "attend" mask
 columns and calls the model's own eager attention, so the probabilities it returns
 include the prefix columns. The cache only ever holds real tokens; positions of real
@@ -38,7 +39,6 @@ prefixes (``init="random"``) are on no scale the model knows; they are kept on r
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -46,79 +46,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import (SUPPORTED, attention_sites, check_virtual_tokens, eager_for, extend_mask, record_attention,
+                        register_attention)
 from .config import PrefixConfig
-from .inject import MethodHooks, configs, register_method
-from .lora import LoRALinear
-from .targets import replace_module, walk
-from .wrappers import ModulesToSaveWrapper
+from .registry import active_adapter, adapters_disabled, configs
+from .token_init import DEFAULT_PHRASE, init_ids
+from .wrappers import adapter_dtype, add_saves, delete_from_root_bank, find_saves, mark_root_bank
 
-__all__ = ["PrefixEncoder", "prefix_attention", "attention_sites", "prefix_visible", "ATTN_NAME"]
+__all__ = ["PrefixEncoder", "prefix_attention", "attention_sites", "prefix_visible", "ATTN_NAME", "DEFAULT_PHRASE",
+           "record_attention", "extend_mask", "SUPPORTED"]
 
 ATTN_NAME = "peftlab_prefix"
-_PROBE = "peftlab_probe"
 CONTAINER = "prefix_tuning"  # model.prefix_tuning[name] -> PrefixEncoder; every parameter is named prefix_*
-_SITE = "peftlab_prefix_site"  # set on each attention module: (root model, layer index)
+SITE_KEY = "peftlab_prefix_site"  # set on each attention module: (root model, layer index)
 _BEFORE = "peftlab_attn_before"  # the attention implementation to restore on delete
-_RECORD: list | None = None  # filled by the probe attention while a probe runs
-SUPPORTED = "BERT, RoBERTa, DistilBERT, GPT-2 and Llama-style models"
 
 
-# -- the attention function ------------------------------------------------------------
-def _generic_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Softmax attention with grouped-query support, for modules whose file has no eager function.
-
-    query (B, H, q, hd), key/value (B, K, kv, hd) -> output (B, q, H, hd), probabilities (B, H, q, kv).
-    """
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)  # (B, H, kv, hd)
-    value = value.repeat_interleave(groups, dim=1)  # (B, H, kv, hd)
-    scores = query @ key.transpose(-1, -2) * scaling  # (B, H, q, kv)
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = F.dropout(probs, p=dropout, training=module.training)
-    return (probs @ value).transpose(1, 2).contiguous(), probs  # (B, q, H, hd), (B, H, q, kv)
-
-
-def _own_eager(module: nn.Module):
-    """The eager attention function defined next to ``module``'s class (exact base behaviour)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    return fn if callable(fn) else _generic_eager
-
-
-def extend_mask(mask: torch.Tensor | None, m: int, visible: torch.Tensor | None,
-                query: torch.Tensor, kv_len: int) -> torch.Tensor | None:
-    """Prepend m prefix columns to an attention mask.
-
-    mask: None, or (B|1, 1|H, q, kv) additive float (0 = attend) or boolean (True = attend).
-    visible: None (all prefix columns attend) or a bool (m,) tensor.
-    Returns an additive float mask (..., q, m + kv) in query's dtype, or None when nothing is masked.
-    """
-    if mask is None and visible is None:
-        return None
-    low = torch.finfo(query.dtype).min
-    if mask is None:
-        mask = query.new_zeros(1, 1, query.shape[2], kv_len)  # (1, 1, q, kv)
-    elif mask.dtype == torch.bool:
-        mask = query.new_zeros(mask.shape).masked_fill(~mask, low)  # bool -> additive
-    if mask.shape[-1] != kv_len:
-        raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys but the layer has {kv_len}")
-    cols = mask.new_zeros(*mask.shape[:-1], m)  # (B|1, 1|H, q, m): 0 = attend
-    if visible is not None:
-        cols = cols.masked_fill(~visible.to(device=cols.device, dtype=torch.bool), low)
-    return torch.cat([cols, mask.to(query.dtype)], dim=-1)  # (B|1, 1|H, q, m + kv)
-
-
+# -- the attention function ----------------------------------------------------------------
 def _active_prefix(module: nn.Module):
     """(PrefixEncoder, layer index) that applies to this attention module now, or None."""
-    site = module.__dict__.get(_SITE)
+    site = module.__dict__.get(SITE_KEY)
     if site is None:
         return None
     root, index = site
-    name = root.__dict__.get("peftlab_active")
+    name = active_adapter(root)
     bank = root._modules.get(CONTAINER)
-    if name is None or root.__dict__.get("peftlab_disabled") or bank is None or name not in bank:
+    if name is None or adapters_disabled(root) or bank is None or name not in bank:
         return None
     return bank[name], index
 
@@ -130,7 +83,7 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     returns output (B, q, H, hd) and probabilities (B, H, q, m + kv), prefix columns first.
     Explained in notebooks/04_prefix_tuning.ipynb, section "Prefix-tuning in cells".
     """
-    eager = _own_eager(module)
+    eager = eager_for(module)
     found = _active_prefix(module)
     if found is None:  # no prefix here (cross-attention, adapter inactive or disabled)
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -145,197 +98,7 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def _probe_attention(module, query, key, value, attention_mask, **kwargs):
-    if _RECORD is not None:
-        _RECORD.append((module, query.shape[1], key.detach(), value.detach()))
-    return _own_eager(module)(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register() -> None:
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    from transformers.modeling_utils import AttentionInterface
-
-    for name, fn in ((ATTN_NAME, prefix_attention), (_PROBE, _probe_attention)):
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, eager_mask)  # masks built exactly as for eager
-
-
-_register()
-
-
-# -- finding the attention layers ---------------------------------------------------------
-@contextmanager
-def _frozen_run(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, every adapter off, for a probe forward; everything restored afterwards.
-
-    Off means: prefix/prompt tuning and bottleneck adapters (the root's ``peftlab_disabled`` flag)
-    and LoRA layers and ``modules_to_save`` copies (their own ``disabled`` flag), so a probe sees the
-    frozen base model whichever adapter is active. Merged LoRA weights cannot be switched off
-    (``inject`` refuses to add an adapter to a merged model before any probe runs).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    switches = [(m, m.disabled) for m in model.modules() if isinstance(m, (LoRALinear, ModulesToSaveWrapper))
-                and not getattr(m, "merged", None)]
-    flag = model.__dict__.get("peftlab_disabled")
-    model.eval()
-    model.__dict__["peftlab_disabled"] = True
-    for m, _ in switches:
-        m.disabled = True
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for m, was in switches:
-            m.disabled = was
-        if flag is None:
-            model.__dict__.pop("peftlab_disabled", None)
-        else:
-            model.__dict__["peftlab_disabled"] = flag
-
-
-def record_attention(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
-                     ) -> list[tuple[nn.Module, int, torch.Tensor, torch.Tensor]]:
-    """Run the frozen base ``model`` (every adapter off) on ``input_ids`` (B, T) and return, per
-    attention call in order, (module, query heads, key (B, K, T, hd), value (B, K, T, hd)) as the
-    attention function sees them. ``position_ids`` (B, T), if given, is passed to the forward.
-
-    The model is left exactly as it was. Raises ``TypeError`` for an unsupported architecture.
-    """
-    global _RECORD
-    cls = type(model).__name__
-    need = (f"peftlab's prefix-tuning needs a transformers 5 model whose attention layers call "
-            f"ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...) with keys/values shaped "
-            f"(batch, kv_heads, seq, head_dim) after projection ({SUPPORTED} do)")
-    if not hasattr(model, "set_attn_implementation") or getattr(model, "config", None) is None:
-        raise TypeError(f"{cls} is not a transformers PreTrainedModel: {need}")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise TypeError(f"{cls} is an encoder-decoder model, which peftlab's prefix-tuning does not support: {need}")
-    before = model.config._attn_implementation
-    import transformers
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the "cannot set dynamically" warning becomes our error
-    try:
-        model.set_attn_implementation(_PROBE)
-        if model.config._attn_implementation != _PROBE:
-            raise TypeError(f"{cls} cannot switch its attention implementation: {need}")
-        _RECORD = []
-        with _frozen_run(model):
-            device = next(model.parameters()).device
-            extra = {} if position_ids is None else {"position_ids": position_ids.to(device)}
-            model(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids, device=device), **extra)
-        calls, _RECORD = _RECORD, None
-    finally:
-        _RECORD = None
-        if model.config._attn_implementation != before:
-            model.set_attn_implementation(before)
-        transformers.logging.set_verbosity(level)
-    if not calls:
-        raise TypeError(f"{cls}'s forward never called the attention interface: {need}")
-    return calls
-
-
-def attention_sites(model: nn.Module) -> tuple[list[nn.Module], int, int]:
-    """The self-attention modules in call order, and their (kv_heads, head_dim) shared by all layers."""
-    calls = record_attention(model, torch.zeros(1, 2, dtype=torch.long))
-    modules, shapes = [], set()
-    for mod, _, k, _ in calls:
-        if all(mod is not seen for seen in modules):  # a layer shared across depth gets one prefix
-            modules.append(mod)
-            shapes.add((k.shape[1], k.shape[-1]))
-    if len(shapes) != 1:
-        raise TypeError(f"{type(model).__name__} has layers with different key/value shapes {sorted(shapes)}; "
-                        "peftlab's prefix-tuning needs one (kv_heads, head_dim) for every layer")
-    (heads, head_dim), = shapes
-    return modules, heads, head_dim
-
-
-def position_limit(model: nn.Module) -> int | None:
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
-DEFAULT_PHRASE = ("The following text is written in plain English and can be read by anyone who is "
-                  "interested in it.")  # init="auto": neutral, task-free; ~20 tokens, so m = 16 needs no repeat
-VOCAB_SEED = 0  # init="vocab": the token ids are drawn from their own generator (the global RNG is untouched)
-SKIP_IDS = 1000  # init="vocab" skips ids below min(SKIP_IDS, vocab // 10): BERT's [PAD]/[unusedN]/[CLS]..., byte tokens
-
-
-def _load_tokenizer(model: nn.Module, config, required: bool):
-    """(tokenizer, source) for ``config.tokenizer`` or the model's own; None when not ``required`` and none loads."""
-    from transformers import AutoTokenizer
-
-    source = config.tokenizer or getattr(model.config, "_name_or_path", None)
-    if not source:
-        if required:
-            raise ValueError(f'init={config.init!r} needs a tokenizer: set tokenizer="<name or folder>" in the config')
-        return None
-    import transformers
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(source), source
-    except Exception as err:  # a missing folder, no network, a folder without tokenizer files, ...
-        if required:
-            raise ValueError(f"could not load the tokenizer {source!r} for init={config.init!r} ({err}): "
-                             'set tokenizer="<name or folder>" in the config') from err
-        return None
-    finally:
-        transformers.logging.set_verbosity(level)
-
-
-def _words_ids(tok, words: str, vocab: int, m: int) -> torch.Tensor | None:
-    """Token ids (m,) of ``words`` (no special tokens), repeated or cut to m; None if they do not fit ``vocab``."""
-    ids = tok(words, add_special_tokens=False)["input_ids"]
-    if not ids or max(ids) >= vocab:
-        return None
-    reps = -(-m // len(ids))
-    return torch.tensor((ids * reps)[:m], dtype=torch.long)  # (m,)
-
-
-def vocab_ids(model: nn.Module, m: int, seed: int = VOCAB_SEED) -> torch.Tensor:
-    """m token ids (m,) sampled without replacement (seeded) from the model's vocabulary.
-
-    Skips the first min(SKIP_IDS, vocab // 10) ids (special, unused and byte tokens in BERT and
-    Llama vocabularies) and the special ids the model config names (bos, eos, pad, ...).
-    """
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    rows = model.get_input_embeddings().num_embeddings
-    hi = min(rows, getattr(cfg, "vocab_size", None) or rows)
-    special = set()
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "cls_token_id", "unk_token_id",
-                "mask_token_id", "decoder_start_token_id"):
-        value = getattr(cfg, key, None)
-        special.update(value if isinstance(value, (list, tuple)) else [value])
-    pool = torch.tensor([i for i in range(min(SKIP_IDS, hi // 10), hi) if i not in special], dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    pick = (torch.randperm(len(pool), generator=gen)[:m] if len(pool) >= m
-            else torch.randint(len(pool), (m,), generator=gen))
-    return pool[pick]  # (m,)
-
-
-def init_ids(model: nn.Module, config, m: int) -> torch.Tensor:
-    """The real token ids (m,) whose keys/values (prefix) or embeddings (prompt) start an adapter.
-
-    ``config.init``: "text:<words>" (tokenizer required), "auto" (``DEFAULT_PHRASE`` with the
-    model's tokenizer, else ``vocab_ids``) or "vocab" (``vocab_ids``). Not for "random".
-    """
-    vocab = model.get_input_embeddings().num_embeddings
-    if config.init == "vocab":
-        return vocab_ids(model, m)
-    if config.init == "auto":
-        found = _load_tokenizer(model, config, required=False)
-        ids = _words_ids(found[0], DEFAULT_PHRASE, vocab, m) if found is not None else None
-        return vocab_ids(model, m) if ids is None else ids
-    if not config.init.startswith("text:"):
-        raise ValueError(f"init={config.init!r} takes no token ids")
-    tok, source = _load_tokenizer(model, config, required=True)
-    ids = _words_ids(tok, config.init[5:].strip(), vocab, m)
-    if ids is None:
-        raise ValueError(f"the tokenizer {source!r} does not fit this model's vocabulary ({vocab} tokens)")
-    return ids
+register_attention(ATTN_NAME, prefix_attention)
 
 
 # -- the prefix parameters ------------------------------------------------------------------
@@ -444,7 +207,7 @@ def text_prefix(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def prefix_visible(model: nn.Module, visible: torch.Tensor | None, name: str | None = None) -> Iterator[None]:
     """Within the block, only prefix positions where ``visible`` (bool (m,)) is True are attended to."""
-    enc = model._modules[CONTAINER][name or model.__dict__["peftlab_active"]]
+    enc = model._modules[CONTAINER][name or active_adapter(model)]
     before, enc.visible = enc.visible, visible
     try:
         yield
@@ -452,59 +215,17 @@ def prefix_visible(model: nn.Module, visible: torch.Tensor | None, name: str | N
         enc.visible = before
 
 
-# -- inject / trainable / delete / merge hooks ----------------------------------------------
-def _find_saves(model: nn.Module, keys: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
-    found = []
-    for key in keys:
-        hits = [(n, m) for n, m in walk(model) if n == key or n.endswith("." + key)]
-        if not hits:
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of {type(model).__name__}: "
-                             "use a module name such as 'classifier' or 'score' that exists in the model")
-        found += hits
-    return found
-
-
-def add_saves(model: nn.Module, keys: tuple[str, ...], name: str, plan=None) -> None:
-    """Wrap ``modules_to_save`` (shared with LoRA's wrapper) and add a trainable copy for ``name``."""
-    for path, mod in plan if plan is not None else _find_saves(model, keys):
-        wrapper = mod if isinstance(mod, ModulesToSaveWrapper) else ModulesToSaveWrapper(mod)
-        wrapper.add_copy(name)
-        if wrapper is not mod:
-            replace_module(model, path, wrapper)
-
-
-def mark_saves(model: nn.Module, name: str) -> None:
-    for _, mod in walk(model):
-        if isinstance(mod, ModulesToSaveWrapper) and name in mod.modules_to_save:
-            mod.modules_to_save[name].requires_grad_(True)
-
-
-def delete_saves(model: nn.Module, name: str) -> None:
-    for path, mod in list(walk(model)):
-        if isinstance(mod, ModulesToSaveWrapper) and name in mod.modules_to_save:
-            mod.delete_copy(name)
-            if not len(mod.modules_to_save):
-                replace_module(model, path, mod.original_module)
-
-
-def adapter_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, (torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
-
-
-def _inject_prefix(model: nn.Module, config: PrefixConfig, name: str) -> None:
-    m = config.num_virtual_tokens
-    limit = position_limit(model)
-    if limit and m >= limit:
-        raise ValueError(f"PrefixConfig.num_virtual_tokens={m} reaches the model's limit of {limit} positions: "
-                         "use a much shorter prefix (e.g. 16)")
+# -- inject / trainable / delete / merge hooks (the record is peftlab.prefix_io.PREFIX) -----------
+def inject_prefix(model: nn.Module, config: PrefixConfig, name: str) -> None:
+    m = check_virtual_tokens(model, config)
     if config.projection and config.init != "random" and config.projection_hidden < m:
         raise ValueError(f"init={config.init!r} with projection needs projection_hidden >= num_virtual_tokens "
                          f"({config.projection_hidden} < {m}) for the MLP to reproduce real tokens' keys and values: "
                          f"raise projection_hidden to at least {m}, or use projection=False")
     sites, heads, head_dim = attention_sites(model)  # every check runs before the model changes
-    plan = _find_saves(model, config.modules_to_save)
-    device, dtype = adapter_dtype(model)
+    plan = find_saves(model, config.modules_to_save)
+    ref = next(model.parameters())
+    device, dtype = ref.device, adapter_dtype(ref)
     enc = PrefixEncoder(len(sites), heads, head_dim, m, model.config.hidden_size,
                         config.projection_hidden if config.projection else None, device=device, dtype=dtype)
     if config.init != "random":  # the base model's own keys/values for m real tokens; MLP solved to match
@@ -517,38 +238,28 @@ def _inject_prefix(model: nn.Module, config: PrefixConfig, name: str) -> None:
         model.__dict__[_BEFORE] = model.config._attn_implementation
     model._modules[CONTAINER][name] = enc
     for index, mod in enumerate(sites):
-        mod.__dict__[_SITE] = (model, index)
+        mod.__dict__[SITE_KEY] = (model, index)
     if model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
 
 
-def _mark_prefix_trainable(model: nn.Module, config: PrefixConfig, name: str) -> None:
-    model._modules[CONTAINER][name].requires_grad_(True)
-    mark_saves(model, name)
+def mark_prefix_trainable(model: nn.Module, config: PrefixConfig, name: str) -> None:
+    mark_root_bank(model, CONTAINER, name)
 
 
-def _delete_prefix(model: nn.Module, name: str) -> None:
-    bank = model._modules[CONTAINER]
-    del bank[name]
-    delete_saves(model, name)
-    if not len(bank):  # the last prefix adapter: put the model back as it was
-        del model._modules[CONTAINER]
+def delete_prefix(model: nn.Module, name: str) -> None:
+    if delete_from_root_bank(model, CONTAINER, name):  # the last prefix adapter: put the model back as it was
         for mod in model.modules():
-            mod.__dict__.pop(_SITE, None)
+            mod.__dict__.pop(SITE_KEY, None)
         model.set_attn_implementation(model.__dict__.pop(_BEFORE, "eager"))
 
 
-def _merge_prefix(model: nn.Module, name: str) -> None:
+def merge_prefix(model: nn.Module, name: str) -> None:
     model._modules[CONTAINER][name].fold()
 
 
 def refuse_unload(model: nn.Module, name: str) -> None:
+    """Prefix and prompt tuning change what attention reads, not a weight: unload() cannot fold them."""
     kind = type(configs(model)[name]).__name__
     raise RuntimeError(f"adapter {name!r} is a {kind}: it adds keys/values or inputs, not weight updates, so "
                        f"unload() cannot merge it into the weights; remove it with peftlab.delete(model, {name!r})")
-
-
-register_method(PrefixConfig, MethodHooks(_inject_prefix, _mark_prefix_trainable, _delete_prefix,
-                                          merge=_merge_prefix, unload=refuse_unload))
-
-from . import prefix_io as _prefix_io  # noqa: E402,F401  (registers save/load for prefix and prompt)

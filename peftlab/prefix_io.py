@@ -57,21 +57,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from . import prefix, prompt
+from . import attention, prefix, prompt
 from .config import PrefixConfig, PromptTuningConfig
-from .inject import configs, inject
-from .io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_json, register_io
-from .targets import walk
-from .wrappers import ModulesToSaveWrapper
+from .inject import inject
+from .io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_json
+from .registry import MethodHooks, configs, under
+from .wrappers import SAVES_PREFIX, find_saves, saved_copies, saved_shapes
 
-__all__ = ["SAVES_PREFIX", "TENSOR", "POSITIONS", "FROM_0", "FROM_M"]
+__all__ = ["PREFIX", "PROMPT", "SAVES_PREFIX", "TENSOR", "POSITIONS", "FROM_0", "FROM_M"]
 
 TENSOR = "prompt_embeddings"  # HF peft's key for prompt-learning adapters
-SAVES_PREFIX = "modules_to_save."
 POSITIONS = "input_positions"  # peftlab_adapter.json: how the real tokens behind the saved prefix are numbered
 FROM_0 = "from_0"  # 0..T-1, peftlab's numbering (and that of every file written before POSITIONS existed)
 FROM_M = "from_m"  # m..m+T-1, HF peft's numbering: rotary prefix keys are stored turned by +m positions
@@ -80,15 +77,6 @@ FROM_M = "from_m"  # m..m+T-1, HF peft's numbering: rotary prefix keys are store
 def _is_causal_lm(model: nn.Module) -> bool:
     cls = type(model).__name__
     return cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel")
-
-
-def _copies(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for path, mod in walk(model):
-        if isinstance(mod, ModulesToSaveWrapper) and name in mod.modules_to_save:
-            for k, v in mod.modules_to_save[name].state_dict().items():
-                out[f"{SAVES_PREFIX}{path}.{k}"] = v
-    return out
 
 
 def _meta(model: nn.Module, config, name: str, shapes: dict) -> dict:
@@ -162,13 +150,13 @@ def _save_prefix(model: nn.Module, name: str) -> tuple[dict, dict]:
     flat, positions = enc.flat().detach(), FROM_0  # (m, L * 2 * K * hd)
     for_peft = _is_causal_lm(model) and not config.modules_to_save
     if for_peft:  # HF peft reads this directory too: give it the prefix for real tokens at m..m+T-1
-        site = next(mod for mod in model.modules() if prefix._SITE in mod.__dict__)
+        site = next(mod for mod in model.modules() if prefix.SITE_KEY in mod.__dict__)
         rope = _model_rope(model, site)
         if isinstance(rope, str):
             _position_warning(rope, m, saving=True)
         else:
             flat, positions = _turn_keys(rope, flat, L, K, +m), FROM_M
-    tensors = {TENSOR: flat, **_copies(model, name)}
+    tensors = {TENSOR: flat, **saved_copies(model, name)}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = _meta(model, config, name, {"num_layers": L, "kv_heads": K, "head_dim": hd, POSITIONS: positions,
                                        "layout": "prompt_embeddings (m, layers * 2 * kv_heads * head_dim): "
@@ -184,7 +172,7 @@ def _save_prefix(model: nn.Module, name: str) -> tuple[dict, dict]:
 
 def _save_prompt(model: nn.Module, name: str) -> tuple[dict, dict]:
     config, enc = configs(model)[name], model._modules[prompt.CONTAINER][name]
-    tensors = {TENSOR: enc.prompt_embedding, **_copies(model, name)}
+    tensors = {TENSOR: enc.prompt_embedding, **saved_copies(model, name)}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     m, d = enc.prompt_embedding.shape
     meta = _meta(model, config, name, {"hidden_size": d, "layout": "prompt_embeddings (m, hidden_size)"})
@@ -199,12 +187,11 @@ def _save_prompt(model: nn.Module, name: str) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _read(d: Path, cls: type, peft_type: str) -> tuple[object, dict, dict[str, torch.Tensor]]:
-    """(config to inject, raw JSON, tensors), read and checked without touching the model."""
+def _read(d: Path, cls: type, peft_type: str) -> tuple[object, dict]:
+    """(config to inject, raw JSON), read and checked without touching the model."""
     try:
         raw = read_adapter_json(d)
-        tensors = load_file(str(d / WEIGHTS_NAME), device="cpu")
-    except (UnicodeDecodeError, json.JSONDecodeError, SafetensorError, OSError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
         raise ValueError(f"{d} cannot be read ({exc}): the adapter directory is corrupt, save it again") from exc
     if isinstance(raw.get("peftlab"), dict):
         config = cls.from_dict(raw["peftlab"]["config"])
@@ -213,17 +200,17 @@ def _read(d: Path, cls: type, peft_type: str) -> tuple[object, dict, dict[str, t
     else:
         raise ValueError(f"{d / CONFIG_NAME} is not a {cls.__name__} adapter peftlab can read "
                          f"(peft_type={raw.get('peft_type')!r})")
+    changes = {"init": "random", **({"projection": False} if cls is PrefixConfig else {})}
+    return dataclasses.replace(config, **changes), raw
+
+
+def _check_tensor(d: Path, tensors: dict) -> None:
     if TENSOR not in tensors:
         raise ValueError(f"{d / WEIGHTS_NAME} has no {TENSOR!r} tensor: save the adapter again")
-    changes = {"init": "random", **({"projection": False} if cls is PrefixConfig else {})}
-    return dataclasses.replace(config, **changes), raw, tensors
 
 
 def _check_copies(model: nn.Module, config, tensors: dict, d: Path) -> None:
-    expected = {}
-    for path, mod in prefix._find_saves(model, config.modules_to_save):
-        src = mod.original_module if isinstance(mod, ModulesToSaveWrapper) else mod
-        expected.update({f"{SAVES_PREFIX}{path}.{k}": tuple(v.shape) for k, v in src.state_dict().items()})
+    expected = saved_shapes(find_saves(model, config.modules_to_save))
     given = {k: tuple(v.shape) for k, v in tensors.items() if k != TENSOR}
     if given != expected:
         wrong = sorted(set(given.items()) ^ set(expected.items()))[:4]
@@ -238,17 +225,15 @@ def _load(model: nn.Module, d: Path, name: str, config, tensors: dict, target) -
     inject(model, config, name)
     with torch.no_grad():
         target(model, name).copy_(tensors[TENSOR])
-        for path, mod in walk(model):
-            if isinstance(mod, ModulesToSaveWrapper) and name in mod.modules_to_save:
-                live = mod.modules_to_save[name].state_dict()
-                for k, v in live.items():
-                    v.copy_(tensors[f"{SAVES_PREFIX}{path}.{k}"])
+        for key, live in saved_copies(model, name).items():
+            live.copy_(tensors[key])
     return model
 
 
-def _load_prefix(model: nn.Module, d: Path, name: str) -> nn.Module:
-    config, raw, tensors = _read(d, PrefixConfig, "PREFIX_TUNING")
-    sites, K, hd = prefix.attention_sites(model)
+def _load_prefix(model: nn.Module, d: Path, name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    config, raw = _read(d, PrefixConfig, "PREFIX_TUNING")
+    _check_tensor(d, tensors)
+    sites, K, hd = attention.attention_sites(model)
     want = (config.num_virtual_tokens, len(sites) * 2 * K * hd)
     got = tuple(tensors[TENSOR].shape)
     if got != want:
@@ -273,8 +258,9 @@ def _load_prefix(model: nn.Module, d: Path, name: str) -> nn.Module:
                  lambda mdl, n: mdl._modules[prefix.CONTAINER][n].prefix_keys_values)
 
 
-def _load_prompt(model: nn.Module, d: Path, name: str) -> nn.Module:
-    config, _, tensors = _read(d, PromptTuningConfig, "PROMPT_TUNING")
+def _load_prompt(model: nn.Module, d: Path, name: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    config, _ = _read(d, PromptTuningConfig, "PROMPT_TUNING")
+    _check_tensor(d, tensors)
     want = (config.num_virtual_tokens, model.get_input_embeddings().weight.shape[1])
     if tuple(tensors[TENSOR].shape) != want:
         raise ValueError(f"prompt adapter in {d} has shape {tuple(tensors[TENSOR].shape)}, but this "
@@ -284,5 +270,12 @@ def _load_prompt(model: nn.Module, d: Path, name: str) -> nn.Module:
                  lambda mdl, n: mdl._modules[prompt.CONTAINER][n].prompt_embedding)
 
 
-register_io(PrefixConfig, _save_prefix, _load_prefix)
-register_io(PromptTuningConfig, _save_prompt, _load_prompt)
+# -- the two methods' records (peftlab.registry) --------------------------------------------
+PREFIX = MethodHooks(method="prefix", config=PrefixConfig, inject=prefix.inject_prefix,
+                     mark_trainable=prefix.mark_prefix_trainable, delete=prefix.delete_prefix, save=_save_prefix,
+                     load=_load_prefix, owns=under(prefix.CONTAINER), merge=prefix.merge_prefix,
+                     unload=prefix.refuse_unload, peft_type="PREFIX_TUNING")
+PROMPT = MethodHooks(method="prompt", config=PromptTuningConfig, inject=prompt.inject_prompt,
+                     mark_trainable=prompt.mark_prompt_trainable, delete=prompt.delete_prompt, save=_save_prompt,
+                     load=_load_prompt, owns=under(prompt.CONTAINER), merge=prompt.merge_prompt,
+                     unload=prefix.refuse_unload, peft_type="PROMPT_TUNING")

@@ -26,12 +26,13 @@ import inspect
 import torch
 from torch import nn
 
+from .attention import check_virtual_tokens, position_limit
 from .config import PromptTuningConfig
-from .inject import MethodHooks, register_method
-from .prefix import (adapter_dtype, add_saves, delete_saves, mark_saves, position_limit, refuse_unload,
-                     init_ids, _find_saves)
+from .registry import active_adapter, adapters_disabled
+from .token_init import init_ids
+from .wrappers import adapter_dtype, add_saves, delete_from_root_bank, find_saves, mark_root_bank
 
-__all__ = ["PromptEncoder"]
+__all__ = ["PromptEncoder", "inject_prompt", "mark_prompt_trainable", "delete_prompt", "merge_prompt"]
 
 CONTAINER = "prompt_tuning"  # model.prompt_tuning[name] -> PromptEncoder; its parameter is prompt_embedding
 _HOOK = "peftlab_prompt_hook"
@@ -53,9 +54,9 @@ class PromptEncoder(nn.Module):
 
 
 def _active_prompt(model: nn.Module) -> PromptEncoder | None:
-    name = model.__dict__.get("peftlab_active")
+    name = active_adapter(model)
     bank = model._modules.get(CONTAINER)
-    if name is None or model.__dict__.get("peftlab_disabled") or bank is None or name not in bank:
+    if name is None or adapters_disabled(model) or bank is None or name not in bank:
         return None
     return bank[name]
 
@@ -111,17 +112,14 @@ def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict):
     return (), kw
 
 
-def _inject_prompt(model: nn.Module, config: PromptTuningConfig, name: str) -> None:
-    m = config.num_virtual_tokens
-    limit = position_limit(model)
-    if limit and m >= limit:
-        raise ValueError(f"PromptTuningConfig.num_virtual_tokens={m} reaches the model's limit of {limit} "
-                         "positions, leaving no room for the input: use a much shorter prompt (e.g. 16)")
+# -- inject / trainable / delete / merge hooks (the record is peftlab.prefix_io.PROMPT) -----------
+def inject_prompt(model: nn.Module, config: PromptTuningConfig, name: str) -> None:
+    m = check_virtual_tokens(model, config)
     emb = model.get_input_embeddings()
     if emb is None or not hasattr(emb, "weight"):
         raise TypeError(f"{type(model).__name__} has no input embedding matrix: prompt tuning needs one")
-    plan = _find_saves(model, config.modules_to_save)
-    device, dtype = adapter_dtype(model)
+    plan = find_saves(model, config.modules_to_save)
+    device, dtype = emb.weight.device, adapter_dtype(next(model.parameters()))
     std = float(emb.weight.detach().float().std())  # init="random": on the scale of real embeddings
     enc = PromptEncoder(m, emb.weight.shape[1], std, device=device, dtype=dtype)
     if config.init != "random":  # the input embeddings of m real tokens (a neutral phrase, sampled ids or words)
@@ -136,24 +134,15 @@ def _inject_prompt(model: nn.Module, config: PromptTuningConfig, name: str) -> N
     model._modules[CONTAINER][name] = enc
 
 
-def _mark_prompt_trainable(model: nn.Module, config: PromptTuningConfig, name: str) -> None:
-    model._modules[CONTAINER][name].requires_grad_(True)
-    mark_saves(model, name)
+def mark_prompt_trainable(model: nn.Module, config: PromptTuningConfig, name: str) -> None:
+    mark_root_bank(model, CONTAINER, name)
 
 
-def _delete_prompt(model: nn.Module, name: str) -> None:
-    bank = model._modules[CONTAINER]
-    del bank[name]
-    delete_saves(model, name)
-    if not len(bank):
-        del model._modules[CONTAINER]
+def delete_prompt(model: nn.Module, name: str) -> None:
+    if delete_from_root_bank(model, CONTAINER, name):  # the last prompt adapter: remove the input hook too
         model.__dict__.pop(_HOOK).remove()
 
 
-def _merge_prompt(model: nn.Module, name: str) -> None:
+def merge_prompt(model: nn.Module, name: str) -> None:
     raise RuntimeError(f"adapter {name!r} is prompt tuning: its prompt is already the flat tensor that gets "
                        "saved, so there is nothing to merge")
-
-
-register_method(PromptTuningConfig, MethodHooks(_inject_prompt, _mark_prompt_trainable, _delete_prompt,
-                                                merge=_merge_prompt, unload=refuse_unload))

@@ -14,46 +14,26 @@ saved module is replaced by a fully trained copy, so a LoRA inside it would neve
 run.  :func:`checked_plan` refuses a config whose target entry only matches such
 enclosed modules, and a saved module that already holds another adapter's layers.
 
-:func:`base_parameters` tells the base model's own parameters from those adapters
-added (``inject`` flags every module an injection creates that holds no
-pre-existing parameter, see :func:`flag_new_modules`).
+The module-tree helpers (``walk``, ``replace_module``, ``base_parameters``) live in
+``peftlab.tree`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from torch import nn
 
 from .config import LoRAConfig
 from .lora import SUPPORTED_TYPES, LoRALinear, is_supported
+from .tree import ADDED, AdapterLayer, base_parameters, flag_new_modules, replace_module, walk
 from .wrappers import ModulesToSaveWrapper
 
 __all__ = ["walk", "replace_module", "find_modules", "checked_plan", "linear_suffixes", "HEAD_NAMES",
            "flag_new_modules", "base_parameters", "ADDED"]
 
 HEAD_NAMES = ("classifier", "score", "lm_head")  # excluded from "all-linear"
-_WRAPPERS = (LoRALinear, ModulesToSaveWrapper)
-# key in ``module.__dict__``: the module was created by an adapter injection and holds only adapter
-# parameters (``lora_A`` dicts, trainable copies, prefix encoders, bottleneck banks, ...)
-ADDED = "peftlab_added"
-
-
-def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Like ``named_modules`` but does not descend into peftlab wrappers (skips the root)."""
-    for child_name, child in model.named_children():
-        name = f"{prefix}.{child_name}" if prefix else child_name
-        yield name, child
-        if not isinstance(child, _WRAPPERS):
-            yield from walk(child, name)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, new)
 
 
 def _suffix_match(name: str, key: str) -> bool:
@@ -68,33 +48,6 @@ def _head_names(model: nn.Module) -> set[str]:
     if emb is not None:
         out |= {n for n, m in walk(model) if m is emb or getattr(m, "base_layer", None) is emb}
     return out
-
-
-def flag_new_modules(model: nn.Module, old_modules: list[nn.Module], old_params: list[nn.Parameter]) -> list[nn.Module]:
-    """The modules of ``model`` not among ``old_modules`` (what an injection just created).
-
-    Each new module that holds none of ``old_params`` is flagged ``ADDED``: all its parameters
-    belong to an adapter.  New modules that wrap base layers (``LoRALinear``,
-    ``ModulesToSaveWrapper``) hold old parameters, so only their adapter parts are flagged.
-    The caller keeps both lists alive across the injection, so no ``id`` can be reused.
-    """
-    old_mod_ids = {id(m) for m in old_modules}
-    old_param_ids = {id(p) for p in old_params}
-    new = [m for m in model.modules() if id(m) not in old_mod_ids]
-    for m in new:
-        if not any(id(p) in old_param_ids for p in m.parameters()):
-            m.__dict__[ADDED] = True
-    return new
-
-
-def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``model.named_parameters()`` without those of modules an adapter injection added.
-
-    What is left is the base model's own parameters (a wrapped layer's ``base_layer.*`` and a saved
-    module's ``original_module.*`` included); used to restrict ``bias="all"`` to them.
-    """
-    owned = {id(p) for m in model.modules() if m.__dict__.get(ADDED) for p in m.parameters()}
-    return [(n, p) for n, p in model.named_parameters() if id(p) not in owned]
 
 
 @dataclass
@@ -194,8 +147,8 @@ def checked_plan(model: nn.Module, config: LoRAConfig, name: str) -> _Plan:
             f"use a module name such as 'classifier' or 'score' that exists in the model"
         )
     for n, m in plan.saves:
-        inner = [] if isinstance(m, _WRAPPERS) else [
-            (p, mod) for p, mod in walk(m, n) if isinstance(mod, _WRAPPERS) or mod.__dict__.get(ADDED)]
+        inner = [] if isinstance(m, AdapterLayer) else [
+            (p, mod) for p, mod in walk(m, n) if isinstance(mod, AdapterLayer) or mod.__dict__.get(ADDED)]
         if inner:  # its copy would duplicate those layers where no delete/merge/save can reach them
             owners = sorted({a for _, mod in inner for a in _adapter_names(mod)})
             key = next(k for k in config.modules_to_save if _suffix_match(n, k))
@@ -216,9 +169,5 @@ def checked_plan(model: nn.Module, config: LoRAConfig, name: str) -> _Plan:
 
 
 def _adapter_names(mod: nn.Module) -> list[str]:
-    """Names of the adapters a peftlab wrapper holds (none known for other added modules)."""
-    if isinstance(mod, LoRALinear):
-        return mod.adapter_names
-    if isinstance(mod, ModulesToSaveWrapper):
-        return list(mod.modules_to_save)
-    return []
+    """Names of the adapters an adapter layer holds (none known for other added modules)."""
+    return mod.adapter_names if isinstance(mod, AdapterLayer) else []

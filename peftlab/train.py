@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import numbers
 import os
 import time
 import warnings
@@ -35,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from peftlab import checkpoint as ckpt
 from peftlab import runtime
+from peftlab.label_checks import check_labels
 from peftlab.metrics import PeakMemory, as_loader, evaluate, rng_preserved
 
 __all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "param_groups", "warmup_steps",
@@ -53,7 +52,6 @@ CLASSIFICATION_METRICS = ("accuracy", "f1", "roc_auc", "loss")
 LM_METRICS = ("loss", "perplexity", "token_accuracy")
 METRICS = CLASSIFICATION_METRICS + LM_METRICS[1:]
 _LOWER_IS_BETTER = ("loss", "perplexity")
-IGNORE_INDEX = -100  # token labels equal to this are not predicted (torch's cross_entropy default)
 
 
 @dataclass
@@ -221,166 +219,6 @@ def _seed_epoch(loader, seed: int, epoch: int) -> None:
         gen.manual_seed(seed + epoch)
 
 
-# --- labels, checked before anything changes ----------------------------------------------
-
-def _label_rule(model: nn.Module, token_level: bool) -> tuple[int | None, str, bool]:
-    """What the model's loss accepts: (limit, description, real_valued).
-
-    Class ids (and token ids) must lie in [0, limit); token labels may also be -100. With
-    ``real_valued`` (regression, multi-label, or a plain module whose loss we cannot know)
-    only finiteness is checked.
-    """
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None, "", True
-    if getattr(cfg, "problem_type", None) in ("regression", "multi_label_classification") or (
-            not token_level and getattr(cfg, "num_labels", 2) == 1):
-        return None, "", True
-    if token_level:
-        try:
-            head = model.get_output_embeddings()
-        except (AttributeError, NotImplementedError):
-            head = None
-        if head is not None:  # a language-model head: the labels are token ids
-            width = int(getattr(head, "out_features", None) or head.weight.shape[0])
-            return width, f"vocabulary of {width} tokens", False
-    return int(cfg.num_labels), f"num_labels={cfg.num_labels}", False
-
-
-def _column(data) -> list | None:
-    """The ``labels`` of every row of a tokenised dataset (None if the rows have none)."""
-    if hasattr(data, "column_names"):  # a datasets.Dataset; as_loader has checked the column exists
-        return list(data.with_format("python")["labels"])
-    rows = list(data)
-    if not rows or not isinstance(rows[0], dict) or "labels" not in rows[0]:
-        return None
-    return [row.get("labels") for row in rows]
-
-
-def _flatten(column: list, where: str) -> tuple[list, np.ndarray, bool]:
-    """(values, row of each value, token_level) of a labels column."""
-    def is_seq(v):
-        return isinstance(v, (list, tuple))
-
-    column = [v.tolist() if torch.is_tensor(v) or isinstance(v, np.ndarray) else v for v in column]
-    if not is_seq(column[0]):  # one label per row
-        return column, np.arange(len(column)), False
-    odd = next((i for i, v in enumerate(column) if not is_seq(v)), None)
-    if odd is not None:
-        raise ValueError(f"{where} row {odd} has the label {column[odd]!r} but row 0 has a list of token "
-                         "labels: give every row one label per token (-100 where nothing is predicted)")
-    rows = np.repeat(np.arange(len(column)), [len(v) for v in column])
-    return [x for v in column for x in v], rows, True
-
-
-def _check_values(values, where: str, token_level: bool, rule, at: Callable[[int], str]) -> None:
-    """Raise a ValueError naming the first unusable label (``at(i)`` says where value i sits) and the fix."""
-    limit, what, real_valued = rule
-    kind = "token label" if token_level else "label"
-    fix = ("token labels are token ids (or -100 where nothing is predicted): tokenise the targets with "
-           "the model's tokenizer" if token_level else
-           "labels are class ids 0, 1, ...: map names to ids first, e.g. ds.class_encode_column('labels')")
-    arr = np.asarray(values)
-    if arr.dtype.kind not in "biuf":  # strings, None, nested lists
-        i = next((i for i, v in enumerate(values) if not isinstance(v, numbers.Real)), 0)
-        raise ValueError(f"{where} {kind} {values[i]!r} ({at(i)}) is not a number: {fix}")
-    arr = arr.astype(np.float64)
-    bad = ~np.isfinite(arr)
-    if not real_valued:
-        bad |= arr != np.floor(arr)  # a class or token id is a whole number (the collator would truncate)
-        fix += "; real-valued targets need a regression model (num_labels=1)"
-    if bad.any():
-        i = int(np.argmax(bad))
-        need = "a finite number" if real_valued else "an integer"
-        raise ValueError(f"{where} {kind} {values[i]!r} ({at(i)}) is not {need}: {fix}")
-    if real_valued or limit is None:
-        return
-    ok = (arr >= 0) & (arr < limit)
-    if token_level:
-        ok |= arr == IGNORE_INDEX
-    if ok.all():
-        return
-    i = int(np.argmin(ok))
-    v = int(arr[i])
-    if token_level:
-        need = f"-100 or in [0, {limit})"
-        fix = (f"use -100 (not {v}) to mark positions that are not predicted" if v < 0 else
-               "tokenise with this model's own tokenizer, or resize its embeddings to the tokenizer")
-    else:
-        need = f"in [0, {limit})"
-        fix = f"remap the labels to 0..{limit - 1}" + (f", or build the model with num_labels={v + 1}"
-                                                      if v >= limit else "")
-    raise ValueError(f"{where} {kind} {v} ({at(i)}) is out of range for this model ({what}): "
-                     f"it must be {need}; {fix}")
-
-
-def _loader_generators(loader) -> list[torch.Generator]:
-    """The generators that iterating ``loader`` advances (its own, its samplers')."""
-    batches = getattr(loader, "batch_sampler", None)
-    owners = (loader, getattr(loader, "sampler", None), batches, getattr(batches, "sampler", None))
-    gens: list[torch.Generator] = []
-    for owner in owners:
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not h for h in gens):
-            gens.append(g)
-    return gens
-
-
-def _check_loader(model: nn.Module, loader, where: str) -> set[bool]:
-    """Check a DataLoader's labels batch by batch; return the token_level flags seen."""
-    seen: set[bool] = set()
-    gens = _loader_generators(loader)
-    states = [g.get_state() for g in gens]
-    try:
-        with rng_preserved():  # a loader without a generator draws its seeds from torch's global one
-            for k, batch in enumerate(loader):
-                y = batch.get("labels") if isinstance(batch, dict) else None
-                if y is None:
-                    continue
-                y = torch.as_tensor(y)
-                token_level = y.dim() >= 2  # (B, T) token labels, (B,) one label per example
-                seen.add(token_level)
-                rule = _label_rule(model, token_level)
-                if not rule[2] and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
-                    raise ValueError(f"{where} batch {k} has labels of dtype {y.dtype}: class and token ids "
-                                     "must be an integer tensor; collate them with torch.tensor(labels, "
-                                     "dtype=torch.long)")
-                _check_values(y.detach().cpu().reshape(-1).numpy(), where, token_level, rule,
-                              lambda i, k=k: f"batch {k}")
-    finally:
-        for g, state in zip(gens, states):  # the run's first epoch then sees the order it would have
-            g.set_state(state)
-    return seen
-
-
-def check_labels(model: nn.Module, data, where: str = "train_data") -> str | None:
-    """Check every label of ``data`` against ``model``; return ``"classification"``, ``"token"`` or None.
-
-    Class labels must be integers in [0, num_labels); token labels integers in [0, vocab size)
-    for a language-model head (or [0, num_labels) for token classification), or -100 (ignored).
-    Regression and multi-label models only need finite numbers. A tokenised dataset's column is
-    read directly; a DataLoader is iterated once (no model call) with every random state it
-    draws from put back, so the run's data order and dropout masks are those of an unchecked run.
-    ``train`` (``notebooks/06_training.ipynb``) calls this before the first step, so a bad label
-    in the last batch fails before any weight has changed.
-    """
-    from torch.utils.data import DataLoader
-
-    if isinstance(data, DataLoader):
-        seen = _check_loader(model, data, where)
-        if len(seen) > 1:
-            raise ValueError(f"{where} mixes batches of one label per example with batches of token "
-                             "labels: give every batch the same kind of labels")
-        token_level = seen.pop() if seen else None
-    else:
-        column = _column(data)
-        if column is None:
-            return None
-        values, rows, token_level = _flatten(column, where)
-        _check_values(values, where, token_level, _label_rule(model, token_level), lambda i: f"row {rows[i]}")
-    return None if token_level is None else "token" if token_level else "classification"
-
-
 def _eval_metric(metric: str, kind: str | None) -> str:
     """The name in ``evaluate``'s scores that picks the best step, for an eval set of ``kind``."""
     valid = LM_METRICS if kind == "token" else CLASSIFICATION_METRICS
@@ -403,228 +241,272 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     ``resume_from``: a checkpoint folder (or the output_dir of an earlier run) to continue.
     ``on_evaluate(scores)``: called after every evaluation with the step and the metrics (the
     Optuna helper reports to its trial and prunes from here by raising).
+
+    The steps, in order (each a method of ``_Run``): check the data, place the model and build
+    the optimizer, resume, then per batch forward + backward, per window an optimizer step,
+    logging, evaluation and checkpoints.
     """
-    config = config or TrainConfig()
-    if isinstance(train_data, (str, bytes)) or train_data is None:
-        raise TypeError("train_data must be a tokenised dataset or a DataLoader, got "
-                        f"{type(train_data).__name__}")
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    loader = _make_loader(train_data, config, pad_id, shuffle=True)
-    if len(loader) == 0:
-        raise ValueError("train_data yields no batches: pass at least one example")
-    # every label is checked now, so that a bad one fails before the first step changes a weight
-    check_labels(model, train_data, "train_data")
-    metric = config.metric
-    if eval_data is not None:
-        eval_loader = as_loader(eval_data, config.eval_batch_size, pad_token_id=pad_id)
-        metric = _eval_metric(config.metric, check_labels(model, eval_data, "eval_data"))
-        eval_data = eval_loader
-    runtime.use_physical_cores()
-
-    use_acc = config.use_accelerate if config.use_accelerate is not None else _launched_distributed()
-    accelerator = None
-    if use_acc:
-        from accelerate import Accelerator
-
-        # without CUDA, torchrun-launched ranks only form a (gloo) process group with cpu=True
-        cpu = config.device == "cpu" or not torch.cuda.is_available()
-        accelerator = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(config.precision,
-                                                                              config.precision))
-        device = accelerator.device
-    else:
-        device = torch.device(config.device) if config.device else next(model.parameters()).device
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"TrainConfig.precision='fp16' needs a CUDA device (this run is on {device}): "
-                         "use precision='bf16' or 'fp32' on the CPU")
-    main = accelerator is None or accelerator.is_main_process
-    if not resume_from:
-        torch.manual_seed(config.seed)
-    model.to(device)
-    groups, names = param_groups(model, config.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-
-    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
-    if accelerator is not None:
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
-    total = config.max_steps or config.epochs * steps_per_epoch
-    warm = warmup_steps(config.warmup, total)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and accelerator is None else None
-    raw = accelerator.unwrap_model(model) if accelerator is not None else model
-
-    result = TrainResult(metric=metric)
-    step, epoch, skip = 0, 0, 0
+    run = _Run(model, config or TrainConfig(), on_evaluate)
+    run.check_data(train_data, eval_data)
+    run.prepare(resuming=bool(resume_from))
     if resume_from:
-        state = ckpt.load_checkpoint(resume_from, raw, getattr(optimizer, "optimizer", optimizer), names)
+        run.resume(resume_from)
+    return run.loop()
+
+
+class _Run:
+    """The state of one ``train()`` call, and its steps as methods."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, on_evaluate) -> None:
+        self.model, self.raw, self.config, self.on_evaluate = model, model, config, on_evaluate
+        self.step = self.epoch = self.skip = 0
+        self.eval_data = None
+        self.accelerator = self.scaler = self.writer = None
+        self.step_times: list[float] = []
+        self.shown: dict[str, str] = {}  # what the bar prints after the rate: latest loss, latest eval
+        self.resumed = False
+
+    # -- before the first step ------------------------------------------------------------
+    def check_data(self, train_data, eval_data) -> None:
+        """Loaders for both sets; every label checked now, so a bad one fails before a weight changes."""
+        config, model = self.config, self.model
+        if isinstance(train_data, (str, bytes)) or train_data is None:
+            raise TypeError("train_data must be a tokenised dataset or a DataLoader, got "
+                            f"{type(train_data).__name__}")
+        self.pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+        self.loader = _make_loader(train_data, config, self.pad_id, shuffle=True)
+        if len(self.loader) == 0:
+            raise ValueError("train_data yields no batches: pass at least one example")
+        check_labels(model, train_data, "train_data")
+        self.metric = config.metric
+        if eval_data is not None:
+            self.eval_data = as_loader(eval_data, config.eval_batch_size, pad_token_id=self.pad_id)
+            self.metric = _eval_metric(config.metric, check_labels(model, eval_data, "eval_data"))
+        self.result = TrainResult(metric=self.metric)
+
+    def prepare(self, resuming: bool = False) -> None:
+        """Threads, device (or ``accelerate``), the seeded start, optimizer, schedule, precision."""
+        config = self.config
+        runtime.use_physical_cores()
+        use_acc = config.use_accelerate if config.use_accelerate is not None else _launched_distributed()
+        if use_acc:
+            from accelerate import Accelerator
+
+            # without CUDA, torchrun-launched ranks only form a (gloo) process group with cpu=True
+            cpu = config.device == "cpu" or not torch.cuda.is_available()
+            self.accelerator = Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(config.precision,
+                                                                                       config.precision))
+            self.device = self.accelerator.device
+        else:
+            self.device = torch.device(config.device) if config.device else next(self.model.parameters()).device
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"TrainConfig.precision='fp16' needs a CUDA device (this run is on {self.device}): "
+                             "use precision='bf16' or 'fp32' on the CPU")
+        self.main = self.accelerator is None or self.accelerator.is_main_process
+        if not resuming:  # a resumed run gets the generators' states from its checkpoint instead
+            torch.manual_seed(config.seed)
+        self.model.to(self.device)
+        groups, self.names = param_groups(self.model, config.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
+        if self.accelerator is not None:
+            self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, self.optimizer, self.loader)
+            self.raw = self.accelerator.unwrap_model(self.model)
+        steps_per_epoch = math.ceil(len(self.loader) / config.grad_accum)
+        self.total = config.max_steps or config.epochs * steps_per_epoch
+        self.warm = warmup_steps(config.warmup, self.total)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        if config.precision == "fp16" and self.accelerator is None:
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Weights, optimizer state, position in the data and history from a checkpoint."""
+        config, result = self.config, self.result
+        state = ckpt.load_checkpoint(path, self.raw, self._inner_optimizer(), self.names)
         old = state.get("config", {})
         for key in ("batch_size", "grad_accum", "seed", "max_steps", "epochs", "schedule", "warmup", "lr"):
             if key in old and old[key] != getattr(config, key):
                 warnings.warn(f"resuming with {key}={getattr(config, key)!r} but the checkpoint used "
-                              f"{old[key]!r}: the run will not match an uninterrupted one", stacklevel=2)
-        step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+                              f"{old[key]!r}: the run will not match an uninterrupted one", stacklevel=3)
+        self.step, self.epoch, self.skip = state["step"], state["epoch"], state["batch_in_epoch"]
         result.history, result.evals = state["history"], state["evals"]
         result.best_metric, result.best_step = state["best_metric"], state["best_step"]
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         result.resumed_from = state["checkpoint"]
 
-    writer = None
-    if config.log_tensorboard and main:
-        from torch.utils.tensorboard import SummaryWriter
+    def _inner_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
 
-        writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"))
-    from tqdm.auto import tqdm
+    # -- one batch, one update ------------------------------------------------------------
+    def forward_backward(self, batch: dict, window: int, last: bool, b: int) -> float:
+        """Loss of one micro-batch (divided by the accumulation window), backpropagated."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        acc = self.accelerator
+        sync = contextlib.nullcontext() if acc is None or last else acc.no_sync(self.model)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype is not None and acc is None else contextlib.nullcontext())
+        with sync, autocast:
+            out = self.model(**batch)
+            if getattr(out, "loss", None) is None:
+                raise ValueError("the model returned no loss: the batches need a 'labels' entry")
+            loss = out.loss / window
+        value = float(loss.detach())
+        if not math.isfinite(value):  # stop before this step's update reaches the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"the training loss is {float(out.loss.detach())} at step {self.step + 1} (epoch {self.epoch}, "
+                f"batch {b}): stopped before that update, so the weights are those after step "
+                f"{self.step}. Lower lr (now {self.config.lr:g}), keep max_grad_norm set, use "
+                f"precision='fp32' (now {self.config.precision!r}), or look for bad inputs in that batch")
+        if acc is not None:
+            acc.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        return value
 
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (config.progress and main),
-               dynamic_ncols=True)
-    shown: dict[str, str] = {}  # what the bar prints after the rate: latest loss, latest eval
+    def optimizer_step(self, loss: float) -> dict[str, float]:
+        """Schedule, clip, step; returns the history row of this step."""
+        config, optimizer, scaler = self.config, self.optimizer, self.scaler
+        factor = lr_factor(self.step, self.total, self.warm, config.schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = config.lr * factor
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        clip = config.max_grad_norm or float("inf")
+        norm = (self.accelerator.clip_grad_norm_(self.params, clip) if self.accelerator is not None
+                else torch.nn.utils.clip_grad_norm_(self.params, clip))
+        # fp16's loss scaling overflows now and then by design (the scaler skips that step);
+        # anywhere else a nan/inf gradient would write nan into the weights
+        if config.precision != "fp16" and not math.isfinite(float(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"the gradient norm is {float(norm)} at step {self.step + 1} (epoch {self.epoch}) although the "
+                f"loss was finite ({loss:.4g}): stopped before that update, so the weights are "
+                f"those after step {self.step}. Lower lr (now {config.lr:g}) or look for an operation "
+                "that overflows in the backward pass (e.g. a log or a division near 0)")
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": config.lr * factor,
+                "grad_norm": float(norm)}
 
-    def show(key: str, text: str) -> None:
-        shown[key] = text
-        bar.set_postfix_str(" | ".join(shown.values()), refresh=False)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    step_times: list[float] = []
+    def log(self, row: dict[str, float]) -> None:
+        self.result.history.append(row)
+        self.bar.update(1)
+        if self.step % self.config.log_every == 0:
+            if self.writer is not None:
+                for k in ("loss", "lr", "grad_norm"):
+                    self.writer.add_scalar(f"train/{k}", row[k], self.step)
+            self._show("loss", f"loss {row['loss']:.4f}")
 
-    def run_eval() -> None:
-        if eval_data is None:
+    def _show(self, key: str, text: str) -> None:
+        self.shown[key] = text
+        self.bar.set_postfix_str(" | ".join(self.shown.values()), refresh=False)
+
+    # -- evaluation and checkpoints ---------------------------------------------------------
+    def evaluate(self) -> None:
+        """Score eval_data (the global random state is left as it was), track the best step."""
+        if self.eval_data is None:
             return
         with rng_preserved():  # evaluate() preserves it too; this also covers on_evaluate
-            evaluate_now()
+            result, metric = self.result, self.metric
+            t0 = time.perf_counter()
+            scores = evaluate(self.raw, self.eval_data, autocast_dtype=self.amp_dtype)
+            result.eval_seconds += time.perf_counter() - t0
+            result.evals.append({"step": self.step, "epoch": self.epoch, **scores})
+            if metric not in scores:
+                raise KeyError(f"TrainConfig.metric={metric!r} is not among the eval scores {sorted(scores)}: "
+                               "use one of those")
+            value = scores[metric]
+            better = (result.best_metric is None or
+                      (value < result.best_metric if metric in _LOWER_IS_BETTER else value > result.best_metric))
+            if better:
+                result.best_metric, result.best_step = value, self.step
+            if self.writer is not None:
+                for k, v in scores.items():
+                    self.writer.add_scalar(f"eval/{k}", v, self.step)
+            self._show("eval", f"eval {metric} {value:.4f}")
+            if self.on_evaluate is not None:
+                self.on_evaluate(result.evals[-1])
 
-    def evaluate_now() -> None:
-        t0 = time.perf_counter()
-        scores = evaluate(raw, eval_data, autocast_dtype=amp_dtype)
-        result.eval_seconds += time.perf_counter() - t0
-        result.evals.append({"step": step, "epoch": epoch, **scores})
-        if metric not in scores:
-            raise KeyError(f"TrainConfig.metric={metric!r} is not among the eval scores {sorted(scores)}: "
-                           "use one of those")
-        name = metric
-        value = scores[name]
-        better = (result.best_metric is None or
-                  (value < result.best_metric if name in _LOWER_IS_BETTER else value > result.best_metric))
-        if better:
-            result.best_metric, result.best_step = value, step
-        if writer is not None:
-            for k, v in scores.items():
-                writer.add_scalar(f"eval/{k}", v, step)
-        show("eval", f"eval {name} {value:.4f}")
-        if on_evaluate is not None:
-            on_evaluate(result.evals[-1])
-
-    def save(next_epoch: int, next_batch: int) -> None:
-        if main:
+    def save(self, next_epoch: int, next_batch: int) -> None:
+        """A checkpoint from which ``resume_from`` continues at (next_epoch, next_batch)."""
+        result, config = self.result, self.config
+        if self.main:
             state = {"epoch": next_epoch, "batch_in_epoch": next_batch, "history": result.history,
                      "evals": result.evals, "best_metric": result.best_metric,
                      "best_step": result.best_step, "config": dataclasses.asdict(config),
-                     "scaler": scaler.state_dict() if scaler is not None else None}
-            path = ckpt.save_checkpoint(Path(config.output_dir) / "checkpoints", step, raw,
-                                        getattr(optimizer, "optimizer", optimizer), names, state,
-                                        keep=config.keep_checkpoints)
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+            path = ckpt.save_checkpoint(Path(config.output_dir) / "checkpoints", self.step, self.raw,
+                                        self._inner_optimizer(), self.names, state, keep=config.keep_checkpoints)
             result.checkpoints.append(str(path))
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
 
-    model.train()
-    memory = PeakMemory(device)
-    with memory, contextlib.closing(bar):  # the bar closes on an error too
-        while step < total:
-            _seed_epoch(loader, config.seed, epoch)
-            n_batches = len(loader)
-            finished_epoch = True
-            t_step = time.perf_counter()
+    # -- the loop ---------------------------------------------------------------------------
+    def loop(self) -> TrainResult:
+        config = self.config
+        if config.log_tensorboard and self.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(config.output_dir) / "tensorboard"))
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step",
+                        disable=not (config.progress and self.main), dynamic_ncols=True)
+        self.model.train()
+        memory = PeakMemory(self.device)
+        with memory, contextlib.closing(self.bar):  # the bar closes on an error too
+            while self.step < self.total:
+                if self.epoch_pass():
+                    self.epoch += 1
+        if self.eval_data is not None and (not self.result.evals or self.result.evals[-1]["step"] != self.step):
+            self.evaluate()
+        if self.writer is not None:
+            self.writer.close()
+        self.model.eval()
+        result, times = self.result, self.step_times
+        done = times[1:] or times  # the first step pays for lazy initialisation
+        result.steps = self.step
+        result.train_seconds = float(sum(times))
+        result.step_seconds = float(sorted(done)[len(done) // 2]) if done else float("nan")
+        result.peak_memory_bytes, result.extra_memory_bytes = memory.peak, memory.extra
+        return result
+
+    def epoch_pass(self) -> bool:
+        """One pass over the training data (from ``skip`` on a resumed epoch); True if it finished."""
+        config, loader = self.config, self.loader
+        _seed_epoch(loader, config.seed, self.epoch)
+        n_batches = len(loader)
+        t_step, loss_sum = time.perf_counter(), 0.0
+        for b, batch in enumerate(loader):
+            if b < self.skip:
+                continue
+            start = (b // config.grad_accum) * config.grad_accum
+            window = min(config.grad_accum, n_batches - start)
+            last = b + 1 - start == window
+            loss_sum += self.forward_backward(batch, window, last, b)
+            if not last:
+                continue
+            row = self.optimizer_step(loss_sum)
+            self.step_times.append(time.perf_counter() - t_step)
+            self.log(row)
             loss_sum = 0.0
-            for b, batch in enumerate(loader):
-                if b < skip:
-                    continue
-                start = (b // config.grad_accum) * config.grad_accum
-                window = min(config.grad_accum, n_batches - start)
-                last = b + 1 - start == window
-                batch = {k: v.to(device) for k, v in batch.items()}
-                sync = (contextlib.nullcontext() if accelerator is None or last
-                        else accelerator.no_sync(model))
-                autocast = (torch.autocast(device.type, dtype=amp_dtype)
-                            if amp_dtype is not None and accelerator is None else contextlib.nullcontext())
-                with sync, autocast:
-                    out = model(**batch)
-                    if getattr(out, "loss", None) is None:
-                        raise ValueError("the model returned no loss: the batches need a 'labels' entry")
-                    loss = out.loss / window
-                value = float(loss.detach())
-                if not math.isfinite(value):  # stop before this step's update reaches the weights
-                    optimizer.zero_grad(set_to_none=True)
-                    raise FloatingPointError(
-                        f"the training loss is {float(out.loss.detach())} at step {step + 1} (epoch {epoch}, "
-                        f"batch {b}): stopped before that update, so the weights are those after step "
-                        f"{step}. Lower lr (now {config.lr:g}), keep max_grad_norm set, use "
-                        f"precision='fp32' (now {config.precision!r}), or look for bad inputs in that batch")
-                if accelerator is not None:
-                    accelerator.backward(loss)
-                elif scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                loss_sum += value
-                if not last:
-                    continue
-                factor = lr_factor(step, total, warm, config.schedule)
-                for g in optimizer.param_groups:
-                    g["lr"] = config.lr * factor
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                clip = config.max_grad_norm or float("inf")
-                norm = (accelerator.clip_grad_norm_(params, clip) if accelerator is not None
-                        else torch.nn.utils.clip_grad_norm_(params, clip))
-                # fp16's loss scaling overflows now and then by design (the scaler skips that step);
-                # anywhere else a nan/inf gradient would write nan into the weights
-                if config.precision != "fp16" and not math.isfinite(float(norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise FloatingPointError(
-                        f"the gradient norm is {float(norm)} at step {step + 1} (epoch {epoch}) although the "
-                        f"loss was finite ({loss_sum:.4g}): stopped before that update, so the weights are "
-                        f"those after step {step}. Lower lr (now {config.lr:g}) or look for an operation "
-                        "that overflows in the backward pass (e.g. a log or a division near 0)")
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                now = time.perf_counter()
-                step_times.append(now - t_step)
-                row = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": config.lr * factor,
-                       "grad_norm": float(norm)}
-                result.history.append(row)
-                loss_sum = 0.0
-                bar.update(1)
-                if writer is not None and step % config.log_every == 0:
-                    for k in ("loss", "lr", "grad_norm"):
-                        writer.add_scalar(f"train/{k}", row[k], step)
-                if step % config.log_every == 0:
-                    show("loss", f"loss {row['loss']:.4f}")
-                end_of_epoch = b + 1 == n_batches
-                if (config.eval_every and step % config.eval_every == 0) or (
-                        end_of_epoch and not config.eval_every):
-                    run_eval()
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else b + 1)
-                t_step = time.perf_counter()
-                if step >= total:
-                    finished_epoch = end_of_epoch
-                    break
-            skip = 0
-            if finished_epoch:
-                epoch += 1
-    if eval_data is not None and (not result.evals or result.evals[-1]["step"] != step):
-        run_eval()
-    if writer is not None:
-        writer.close()
-    model.eval()
-    done = step_times[1:] or step_times  # the first step pays for lazy initialisation
-    result.steps = step
-    result.train_seconds = float(sum(step_times))
-    result.step_seconds = float(sorted(done)[len(done) // 2]) if done else float("nan")
-    result.peak_memory_bytes, result.extra_memory_bytes = memory.peak, memory.extra
-    return result
+            end_of_epoch = b + 1 == n_batches
+            if (config.eval_every and self.step % config.eval_every == 0) or (end_of_epoch and not config.eval_every):
+                self.evaluate()
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save(self.epoch + 1 if end_of_epoch else self.epoch, 0 if end_of_epoch else b + 1)
+            t_step = time.perf_counter()
+            if self.step >= self.total:
+                self.skip = 0
+                return end_of_epoch
+        self.skip = 0
+        return True

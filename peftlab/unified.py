@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention", "prefix_attention", "prefix_gate", "gated_parallel_form", "prefix_as_adapter",
+__all__ = ["attention", "attention_with_prefix", "prefix_gate", "gated_parallel_form", "prefix_as_adapter",
            "METHOD_TABLE"]
 
 # where each method sits and what it computes, the table of He et al. 2022 (Table 1), in our words
@@ -53,7 +53,7 @@ def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
     return scores.softmax(-1) @ v  # (..., n, t) @ (..., t, hd) -> (..., n, hd)
 
 
-def prefix_attention(q, k, v, pk, pv, mask=None, scale=None) -> torch.Tensor:
+def attention_with_prefix(q, k, v, pk, pv, mask=None, scale=None) -> torch.Tensor:
     """Attention over [P_k; K] and [P_v; V]; pk/pv (..., m, hd) broadcast against k/v -> (..., n, hd)."""
     pk = pk.expand(*k.shape[:-2], *pk.shape[-2:])  # (..., m, hd)
     pv = pv.expand(*v.shape[:-2], *pv.shape[-2:])
@@ -73,7 +73,7 @@ def prefix_gate(q, k, pk, mask=None, scale=None) -> torch.Tensor:
 
 
 def gated_parallel_form(q, k, v, pk, pv, mask=None, scale=None) -> torch.Tensor:
-    """(1 - lam) Attn(q, K, V) + lam Attn(q, P_k, P_v): equal to :func:`prefix_attention` (see the docstring)."""
+    """(1 - lam) Attn(q, K, V) + lam Attn(q, P_k, P_v): equal to :func:`attention_with_prefix` (see the docstring)."""
     lam = prefix_gate(q, k, pk, mask, scale)  # (..., n, 1)
     return (1 - lam) * attention(q, k, v, mask, scale) + lam * attention(q, pk, pv, None, scale)
 

@@ -16,7 +16,7 @@ import transformers as T
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peftlab import adapters, unified  # noqa: E402
-from peftlab.adapters import AdapterBank, Bottleneck, adapter_parameters, adapter_sites  # noqa: E402
+from peftlab.adapters import AdapterBank, Bottleneck, placement_parameters, adapter_sites  # noqa: E402
 from peftlab.config import AdapterConfig, LoRAConfig  # noqa: E402
 from peftlab.inject import configs, count_parameters, delete, disabled, inject, merge, set_active, unload  # noqa: E402
 from peftlab.io import load_adapter, save_adapter  # noqa: E402
@@ -104,7 +104,7 @@ def test_parameter_count_formula(kind, placement):
     per = 2 * D * B + B + D
     sites = {"houlsby": 2, "pfeiffer": 1, "parallel": 1}[placement]
     pc = count_parameters(model)
-    assert pc.by_kind["adapter"] == pc.trainable == per * sites * L == adapter_parameters(D, B, placement, L)
+    assert pc.by_kind["adapter"] == pc.trainable == per * sites * L == placement_parameters(D, B, placement, L)
     assert pc.total == frozen + pc.trainable
     assert all("adapter_" in n for n, p in model.named_parameters() if p.requires_grad)
 
@@ -415,7 +415,7 @@ def test_prefix_attention_is_gated_parallel_adapter_float64(masked):
     mask = None
     if masked:  # causal: query i sees keys 0..i
         mask = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
-    direct = unified.prefix_attention(q, k, v, pk, pv, mask)
+    direct = unified.attention_with_prefix(q, k, v, pk, pv, mask)
     gated = unified.gated_parallel_form(q, k, v, pk, pv, mask)
     torch.testing.assert_close(direct, gated, rtol=1e-12, atol=1e-12)
     lam = unified.prefix_gate(q, k, pk, mask)
@@ -439,10 +439,11 @@ def test_prefix_term_is_an_adapter_with_bottleneck_m_float64():
 
 
 def test_prefix_helper_agrees_with_peftlab_prefix_eager_attention_float64():
-    prefix = pytest.importorskip("peftlab.prefix")
+    from peftlab.attention import generic_eager
+
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
     pk, pv = (torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
     module = torch.nn.Module().eval()
-    got, _ = prefix._generic_eager(module, q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), None)  # (B, n, H, hd)
+    got, _ = generic_eager(module, q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), None)  # (B, n, H, hd)
     torch.testing.assert_close(got.transpose(1, 2), unified.gated_parallel_form(q, k, v, pk, pv))

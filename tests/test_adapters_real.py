@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from peftlab.adapters import AdapterConfig, adapter_parameters
+from peftlab.adapters import AdapterConfig, placement_parameters
 from peftlab.config import LoRAConfig
 from peftlab.inject import count_parameters, delete, disabled, inject, set_active
 from peftlab.io import load_adapter, save_adapter
@@ -34,7 +34,7 @@ def test_minilm_placements_identity_counts_switching_and_saving(minilm, tmp_path
         assert torch.equal(_logits(model, batch), base)
         pc = count_parameters(model)
         head = sum(p.numel() for p in base_model.classifier.parameters())
-        assert pc.trainable == adapter_parameters(d, b, placement, layers) + head
+        assert pc.trainable == placement_parameters(d, b, placement, layers) + head
     inject(model, LoRAConfig(r=8, modules_to_save=("classifier",)), "lora")
     with torch.no_grad():  # make every adapter do something
         for n, p in model.named_parameters():
@@ -88,9 +88,9 @@ def test_smollm2_gqa_llama_identity_and_switch(smollm2):
     base = _logits(model, batch)
     inject(model, AdapterConfig(reduction_factor=16, placement="houlsby"), "h")  # b = 576 // 16 = 36
     inject(model, AdapterConfig(bottleneck=32, placement="parallel"), "p")
-    assert count_parameters(model).trainable == adapter_parameters(576, 32, "parallel", 30)
+    assert count_parameters(model).trainable == placement_parameters(576, 32, "parallel", 30)
     set_active(model, "h")
-    assert count_parameters(model).trainable == adapter_parameters(576, 36, "houlsby", 30)
+    assert count_parameters(model).trainable == placement_parameters(576, 36, "houlsby", 30)
     assert torch.equal(_logits(model, batch), base)
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -189,6 +189,22 @@ def test_exclude_modules_that_excludes_everything_is_refused(tmp_path):
     assert_unchanged(target, before)
 
 
+@pytest.mark.parametrize("key, value", [("use_dora", True), ("layer_replication", [[0, 2], [1, 2]]),
+                                        ("rank_pattern", {"query": 2}), ("use_qalora", True),
+                                        ("alora_invocation_tokens", [5, 6]), ("target_parameters", ["x.weight"])])
+def test_peft_features_peftlab_does_not_compute_are_refused(tmp_path, key, value):
+    """A file that needs DoRA, layer replication, per-module ranks ... would load as plain LoRA and
+    compute something else: refused, naming the key, and the model is left as it was."""
+    base = tiny("bert")
+    d = _peft_adapter(tmp_path, base)
+    _edit_json(d / CONFIG, **{key: value})
+    target = clone(base)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=f"peft features peftlab does not implement: \\['{key}'\\]"):
+        load_adapter(target, d)
+    assert_unchanged(target, before)
+
+
 # --- bug 7: saving adapters --------------------------------------------------------------------
 
 def test_save_keeps_unrelated_files(tmp_path):

@@ -18,8 +18,9 @@ from peftlab import runtime
 from peftlab.config import LoRAConfig, PrefixConfig, PromptTuningConfig
 from peftlab.inject import configs, count_parameters, delete, disabled, inject, merge, set_active, unload
 from peftlab.io import load_adapter, save_adapter
-from peftlab.prefix import (ATTN_NAME, PrefixEncoder, extend_mask, prefix_attention, prefix_visible, record_attention,
-                            text_prefix, vocab_ids)
+from peftlab.attention import extend_mask, record_attention
+from peftlab.prefix import ATTN_NAME, PrefixEncoder, prefix_attention, prefix_visible, text_prefix
+from peftlab.token_init import vocab_ids
 
 DEVICE = runtime.get_device(os.environ.get("PEFTLAB_DEVICE", "cpu"))
 M = 3  # virtual tokens in most tests

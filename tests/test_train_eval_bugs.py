@@ -333,3 +333,46 @@ def test_a_nan_gradient_stops_the_run_before_it_reaches_the_weights():
     twin = _two_steps(**cfg)
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# --- evaluate: 2-D labels are not always a causal LM -------------------------------------------
+
+def _token_classifier(seed: int = 0):
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    return BertForTokenClassification(cfg).eval()
+
+
+def test_token_classification_is_scored_per_token_unshifted():
+    """BertForTokenClassification: the logits at t score token t's own label (a causal shift would
+    compare each token's prediction with its neighbour's tag)."""
+    model = _token_classifier()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (4, 6), generator=g)
+    tags = torch.randint(0, 3, (4, 6), generator=g)
+    tags[0, :2] = -100  # e.g. special tokens carry no tag
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": tags.tolist()})
+    scores = M.evaluate(model, data, batch_size=4)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.double()  # (B, T, 3)
+    keep = tags != -100
+    nll = -logits.log_softmax(-1).gather(-1, tags.clamp(min=0)[..., None])[..., 0][keep]
+    assert scores["loss"] == pytest.approx(float(nll.mean()), rel=1e-5)
+    assert scores["token_accuracy"] == pytest.approx(float((logits.argmax(-1) == tags)[keep].double().mean()))
+
+
+def test_multi_label_targets_are_refused_with_their_shapes():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=3, problem_type="multi_label_classification")).eval()
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7]] * 2, "attention_mask": [[1, 1, 1]] * 2,
+                              "labels": [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]})
+    with pytest.raises(ValueError, match=r"labels shaped \(2, 3\) with logits shaped \(2, 3\)"):
+        M.evaluate(model, data)

@@ -21,7 +21,6 @@ state + activations + allocator slack.  Explained in notebooks/03_lora.ipynb.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -35,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from peftlab.bench.timing import interleaved_times
+from peftlab.bench.timing import autocast, interleaved_times, train_step
 from peftlab.config import LoRAConfig
 from peftlab.inject import inject, merge
 from peftlab.io import save_adapter
@@ -69,10 +68,6 @@ def _batch(device: str, batch: int, seq: int, vocab: int) -> dict[str, torch.Ten
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
-def _autocast(device: str, bf16: bool):
-    return torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 def _peftlab_lora(model: torch.nn.Module) -> torch.nn.Module:
     return inject(model, LoRAConfig(r=8, alpha=16, target_modules=TARGETS))
 
@@ -85,26 +80,13 @@ def _peft_lora(model: torch.nn.Module) -> torch.nn.Module:
         return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)))
 
 
-def _trainer(model: torch.nn.Module, batch: dict, device: str, bf16: bool) -> Callable[[], None]:
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        with _autocast(device, bf16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
 
 def _inferer(model: torch.nn.Module, batch: dict, device: str, bf16: bool) -> Callable[[], None]:
     model.eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
     def run() -> None:
-        with torch.no_grad(), _autocast(device, bf16):
+        with torch.no_grad(), autocast(device, bf16):
             model(**inputs)
 
     return run
@@ -169,7 +151,7 @@ def memory_child(kind: str, batch: int, seq: int, steps: int, random_init: bool)
     model = _load_minilm("cpu", random_init)
     if kind == "lora":
         _peftlab_lora(model)
-    step = _trainer(model, _batch("cpu", batch, seq, model.config.vocab_size), "cpu", False)
+    step = train_step(model, _batch("cpu", batch, seq, model.config.vocab_size), "cpu", False)
     gc.collect()
     loaded_rss = _rss_mb()
     was_reset = _reset_peak_rss()
@@ -190,7 +172,7 @@ def _memory(kind: str, device: str, bf16: bool, batch: int, seq: int, random_ini
         model = _load_minilm(device, random_init)
         if kind == "lora":
             _peftlab_lora(model)
-        step = _trainer(model, _batch(device, batch, seq, model.config.vocab_size), device, bf16)
+        step = train_step(model, _batch(device, batch, seq, model.config.vocab_size), device, bf16)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -226,7 +208,7 @@ def bench_lora(device: str = "cpu", bf16: bool = False, batch: int = 16, seq: in
     variants = {}
     for name, make in [("peftlab", _peftlab_lora), ("peft", _peft_lora), ("full", lambda m: m)]:
         torch.manual_seed(0)
-        variants[name] = _trainer(make(copy.deepcopy(base)), data, device, bf16)
+        variants[name] = train_step(make(copy.deepcopy(base)), data, device, bf16)
     train_spread = _time(variants, warmup, rounds, reps, device)
     train = {k: v["median"] for k, v in train_spread.items()}
     del variants

@@ -94,7 +94,7 @@ def _setup(s: BenchSettings, seed: int):
 
     import peftlab
     from peftlab import runtime
-    from peftlab.data import stratified_subset, tokenize_classification
+    from peftlab.data import stratified_subset
 
     if s.threads:
         torch.set_num_threads(s.threads)

@@ -17,10 +17,7 @@ FLOPs) for machines that do not have the embedded model packages, such as a lent
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import torch
 
 from peftlab import inject, merge
 from peftlab.bench.lora import MINILM_SHAPE
+from peftlab.bench.timing import autocast, interleaved_times, train_step
 from peftlab.config import AdapterConfig, LoRAConfig, PrefixConfig, PromptTuningConfig
 
 # SmolLM2-135M-Instruct's architecture, for --random-init
@@ -54,46 +52,11 @@ def _model(name: str, task: str, device: str, random_init: bool, seed: int = 0):
     return model.to(device).eval()
 
 
-def _autocast(device: str, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _interleaved(fns: dict[str, Callable[[], None]], device: str, warmup: int,
                  rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, rounds interleaved across functions."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _train_step(model, batch, device: str, bf16: bool) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> None:
-        with _autocast(device, bf16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    """Median wall seconds per call of each function, in ``peftlab.bench.timing``'s balanced order."""
+    times = interleaved_times(fns, rounds=rounds, warmup=warmup, device=torch.device(device).type)
+    return {k: v["median"] for k, v in times["wall"].items()}
 
 
 def bench_prefix(device: str = "cpu", bf16: bool = False, random_init: bool = False,
@@ -112,15 +75,15 @@ def bench_prefix(device: str = "cpu", bf16: bool = False, random_init: bool = Fa
 
     def generator(model) -> Callable[[], None]:
         def run() -> None:
-            with torch.no_grad(), _autocast(device, bf16):
+            with torch.no_grad(), autocast(device, bf16):
                 model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                do_sample=False, use_cache=True, pad_token_id=2)
         return run
 
     for m in (prefixed, lora):
         m.train()
-    train = _interleaved({"prefix": _train_step(prefixed, train_batch, device, bf16),
-                          "lora": _train_step(lora, train_batch, device, bf16)},
+    train = _interleaved({"prefix": train_step(prefixed, train_batch, device, bf16),
+                          "lora": train_step(lora, train_batch, device, bf16)},
                          device, warmup=1, rounds=rounds)
     for m in (prefixed, lora):
         m.eval()
@@ -165,7 +128,7 @@ def bench_serve(device: str = "cpu", bf16: bool = False, random_init: bool = Fal
             merge(model)
 
         def run(model=model) -> None:
-            with torch.no_grad(), _autocast(device, bf16):
+            with torch.no_grad(), autocast(device, bf16):
                 model(**inputs)
 
         fns[name] = run

@@ -15,11 +15,36 @@ Used by ``peftlab.bench.lora`` (LoRA step and inference timings) and ``peftlab.b
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable, Sequence
 
-__all__ = ["balanced_orders", "interleaved_times", "summary"]
+import torch
+
+__all__ = ["balanced_orders", "interleaved_times", "summary", "autocast", "train_step"]
+
+
+def autocast(device: str, bf16: bool):
+    """bf16 autocast on ``device`` ("cpu", "cuda", "cuda:1"), or nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def train_step(model: torch.nn.Module, batch: dict, device: str, bf16: bool) -> Callable[[], None]:
+    """One AdamW training step of ``model`` on ``batch`` as a callable, for timing (model put in train mode)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        with autocast(device, bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def balanced_orders(names: Sequence[str], rounds: int) -> list[list[str]]:

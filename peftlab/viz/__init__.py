@@ -31,6 +31,7 @@ from peftlab.viz.maps import (NO_MAPS, AttentionMaps, attention_change, attentio
 from peftlab.viz.widgets import attention_explorer
 
 __all__ = [
+    "FIGURE_WIDTH", "FONT_SIZE", "NO_MAPS", "TITLE_SIZE",
     "AttentionMaps", "Attributions", "OfflineView", "attention_change", "attention_explorer",
     "attention_maps", "attribution_html", "enable_offline_bertviz", "head_view", "model_view",
     "new_figure", "plot_attention_change", "plot_attributions", "plot_change_by_head", "plot_head",
