@@ -108,14 +108,20 @@ def write_file(path: str | os.PathLike, write: Writer) -> Path:
     """Create or replace the file ``path`` atomically with what ``write(temp path)`` writes."""
     path = Path(path)
     tmp = temp_path(path)
+    return _build_then_rename(tmp, path, lambda: _write(tmp, write), os.replace)
+
+
+def _build_then_rename(tmp: Path, final: Path, build: Callable[[], None], rename) -> Path:
+    """Run ``build()`` (which fills ``tmp``), then ``rename(tmp, final)``; on any failure remove
+    ``tmp`` and re-raise. The rename is made durable (the parent folder is fsynced)."""
     try:
-        _write(tmp, write)
-        os.replace(tmp, path)
+        build()
+        rename(tmp, final)
     except BaseException:
         _remove(tmp)
         raise
-    fsync_dir(path.parent)
-    return path
+    fsync_dir(final.parent)
+    return final
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -154,18 +160,15 @@ def new_folder(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     folder = Path(folder)
     build = temp_path(folder)
     os.mkdir(build)  # mode 0o777 & ~umask, unlike tempfile.mkdtemp's 0o700
-    try:
+
+    def fill_and_flush() -> None:
         fill(build)
         for entry in build.iterdir():
             if entry.is_file():
                 fsync_file(entry)
         fsync_dir(build)
-        os.rename(build, folder)
-    except BaseException:
-        _remove(build)
-        raise
-    fsync_dir(folder.parent)
-    return folder
+
+    return _build_then_rename(build, folder, fill_and_flush, os.rename)
 
 
 def _new_folder(folder: Path, files: Mapping[str, Writer | None]) -> None:

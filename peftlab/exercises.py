@@ -20,16 +20,30 @@ __all__ = ["check_lora_forward", "check_replace_linears", "check_schedule", "che
 
 
 class Verdict:
-    """What a checker found: ``ok`` and a one-line message (printed by the checkers)."""
+    """What a checker found: ``ok`` and a one-line message (printed by the checkers).
 
-    def __init__(self, ok: bool, message: str) -> None:
-        self.ok, self.message = ok, message
+    ``pending``: nothing to judge yet (the answer is still ``None``, or the function still raises
+    ``NotImplementedError``); it counts as not right.
+    """
+
+    def __init__(self, ok: bool, message: str, pending: bool = False) -> None:
+        self.ok, self.message, self.pending = ok, message, pending
 
     def __bool__(self) -> bool:
         return self.ok
 
     def __repr__(self) -> str:
+        if self.pending:
+            return "not answered yet: " + self.message
         return ("right: " if self.ok else "wrong: ") + self.message
+
+
+PENDING_VALUE = "set your answer above and re-run this cell"
+PENDING_CODE = "write the function above and re-run this cell"
+
+
+def _unwritten(exc: BaseException | None = None, result=None) -> bool:
+    return isinstance(exc, NotImplementedError) or (exc is None and result is None)
 
 
 def _report(verdict: Verdict, quiet: bool) -> Verdict:
@@ -61,9 +75,13 @@ def check_lora_forward(fn: Callable, quiet: bool = False) -> Verdict:
         try:
             got = fn(x.clone(), W.clone(), b.clone(), A.clone(), B.clone(), alpha)
         except Exception as exc:  # the student's code: any error is a finding, not a crash of the checker
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
             hint = (" -- check which factor meets x first: A is (r, in), so x A^T is (..., r)"
                     if "shape" in str(exc) or "size" in str(exc) else "")
             return _report(Verdict(False, _crash(exc) + hint), quiet)
+        if got is None:
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
         if not torch.is_tensor(got) or tuple(got.shape) != tuple(want.shape):
             shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
             return _report(Verdict(False, f"for x of shape {tuple(x.shape)} and a {d_in} -> {d_out} layer the "
@@ -119,6 +137,8 @@ def check_replace_linears(fn: Callable, quiet: bool = False) -> Verdict:
     try:
         fn(model, _Marked)
     except Exception as exc:
+        if _unwritten(exc):
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
         hint = (" -- the loop adds modules while named_modules() is still walking them: collect the names "
                 "first (list(...)), then replace" if "changed size during iteration" in str(exc) else "")
         return _report(Verdict(False, _crash(exc) + hint), quiet)
@@ -163,8 +183,12 @@ def check_schedule(fn: Callable, quiet: bool = False) -> Verdict:
                 try:
                     got = fn(step, total, warmup, schedule)
                 except Exception as exc:
+                    if _unwritten(exc):
+                        return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
                     return _report(Verdict(False, f"for step {step} of {total} (warm-up {warmup}, {schedule}) "
                                                   + _crash(exc)), quiet)
+                if got is None:
+                    return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
                 if not isinstance(got, (int, float)) and not (torch.is_tensor(got) and got.numel() == 1):
                     return _report(Verdict(False, f"return a number, got {type(got).__name__}"), quiet)
                 if abs(float(got) - want) > 1e-6:
@@ -198,7 +222,11 @@ def check_prompt_mask(fn: Callable, quiet: bool = False) -> Verdict:
         try:
             got = fn(mask.clone(), m)
         except Exception as exc:
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
             return _report(Verdict(False, f"for a {tuple(mask.shape)} mask and m = {m}: " + _crash(exc)), quiet)
+        if got is None:
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
         if not torch.is_tensor(got) or tuple(got.shape) != tuple(want.shape):
             shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
             return _report(Verdict(False, f"for a {tuple(mask.shape)} mask and m = {m} the result must be "
@@ -276,7 +304,7 @@ def check_value(key: str, answer, quiet: bool = False) -> Verdict:
         raise KeyError(f"no exercise {key!r}: known ones are {sorted(table)}")
     expected, rel, hint = table[key]
     if answer is None:
-        return _report(Verdict(False, "not answered yet: set your answer above and re-run this cell"), quiet)
+        return _report(Verdict(False, PENDING_VALUE, pending=True), quiet)
     if not isinstance(answer, (int, float)) or isinstance(answer, bool):
         return _report(Verdict(False, f"the answer must be a number, got {type(answer).__name__}"), quiet)
     ok = abs(answer - expected) <= rel * abs(expected) if rel else answer == expected
@@ -305,11 +333,15 @@ def check_merge(fn: Callable, quiet: bool = False) -> Verdict:
         try:
             got = fn(W.clone(), A, B, alpha, r)
         except Exception as exc:
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
             return _report(Verdict(False, f"for a {d_in} -> {d_out} layer with r = {r}: " + _crash(exc)
                                    + (" -- an (out, in) update comes from an (out, r) times an (r, in) matrix"
                                       if "shape" in str(exc) or "size" in str(exc) else "")), quiet)
         layer.merge(["default"])
         want = layer.base_layer.weight.detach()
+        if got is None:
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
         if not torch.is_tensor(got) or tuple(got.shape) != tuple(W.shape):
             shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
             return _report(Verdict(False, f"the merged weight must keep W's shape {tuple(W.shape)}, got {shape}"),
@@ -331,7 +363,7 @@ def check_attention_share(maps, answer, layer: int = 3, head: int = 0, token: st
     """``answer`` must be the share of ``token``'s attention (``maps``: ``peftlab.viz.AttentionMaps``) that goes
     to the first and last tokens ([CLS], [SEP]) in ``layer``/``head``, to two decimals."""
     if answer is None:
-        return _report(Verdict(False, "not answered yet: set your answer above and re-run this cell"), quiet)
+        return _report(Verdict(False, PENDING_VALUE, pending=True), quiet)
     row = maps.attentions[layer][head, maps.tokens.index(token)]
     expected = float(row[0] + row[-1])
     if not isinstance(answer, (int, float)) or isinstance(answer, bool):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from peftlab.bench.timing import autocast, interleaved_times, train_step
 from peftlab.config import LoRAConfig
 from peftlab.inject import inject, merge
 from peftlab.io import save_adapter
+from peftlab.metrics import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 __all__ = ["MINILM_SHAPE", "bench_lora", "format_table", "memory_child"]
 TARGETS = ("query", "value")
@@ -103,40 +103,6 @@ def _time(fns: dict[str, Callable[[], None]], warmup: int, rounds: int, reps: in
     return times["wall"] if device == "cuda" else times["cpu"]
 
 
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:  # not Linux: fall back to the high-water mark
-        return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so loading spikes are not counted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm_mb() -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB -> MiB
-    except OSError:
-        pass
-    return _peak_rss_mb()
-
-
 def memory_child(kind: str, batch: int, seq: int, steps: int, random_init: bool) -> dict[str, float]:
     """Run inside a fresh process: peak RSS of a few training steps above the pre-model baseline.
 
@@ -147,17 +113,17 @@ def memory_child(kind: str, batch: int, seq: int, steps: int, random_init: bool)
     import gc
 
     torch.manual_seed(0)
-    base_rss = _rss_mb()
+    base_rss = current_rss_bytes() / 2**20
     model = _load_minilm("cpu", random_init)
     if kind == "lora":
         _peftlab_lora(model)
     step = train_step(model, _batch("cpu", batch, seq, model.config.vocab_size), "cpu", False)
     gc.collect()
-    loaded_rss = _rss_mb()
-    was_reset = _reset_peak_rss()
+    loaded_rss = current_rss_bytes() / 2**20
+    was_reset = reset_peak_rss()
     for _ in range(steps):
         step()
-    peak = _hwm_mb() if was_reset else _peak_rss_mb()
+    peak = peak_rss_bytes() / 2**20  # since the reset where the kernel allows it
     return {"baseline_mb": base_rss, "loaded_mb": loaded_rss, "peak_mb": peak,
             "training_mb": peak - base_rss, "peak_reset": was_reset}
 
