@@ -52,6 +52,17 @@ def _report(verdict: Verdict, quiet: bool) -> Verdict:
     return verdict
 
 
+def _tensor_verdict(got, want_shape, expectation: str) -> Verdict | None:
+    """None when ``got`` is a tensor of ``want_shape``; else "not answered yet" (``got`` is None) or
+    a wrong verdict: ``expectation`` followed by the wanted and the given shape."""
+    if got is None:
+        return Verdict(False, PENDING_CODE, pending=True)
+    if not torch.is_tensor(got) or tuple(got.shape) != tuple(want_shape):
+        shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
+        return Verdict(False, f"{expectation} {tuple(want_shape)}, got {shape}")
+    return None
+
+
 def _crash(exc: BaseException) -> str:
     last = traceback.extract_tb(exc.__traceback__)[-1]
     return f"it raised {type(exc).__name__}: {exc} (line {last.lineno})"
@@ -80,12 +91,10 @@ def check_lora_forward(fn: Callable, quiet: bool = False) -> Verdict:
             hint = (" -- check which factor meets x first: A is (r, in), so x A^T is (..., r)"
                     if "shape" in str(exc) or "size" in str(exc) else "")
             return _report(Verdict(False, _crash(exc) + hint), quiet)
-        if got is None:
-            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
-        if not torch.is_tensor(got) or tuple(got.shape) != tuple(want.shape):
-            shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-            return _report(Verdict(False, f"for x of shape {tuple(x.shape)} and a {d_in} -> {d_out} layer the "
-                                          f"output must be {tuple(want.shape)}, got {shape}"), quiet)
+        problem = _tensor_verdict(got, want.shape, f"for x of shape {tuple(x.shape)} and a {d_in} -> {d_out} "
+                                                   "layer the output must be")
+        if problem is not None:
+            return _report(problem, quiet)
         if torch.allclose(got.double(), want, atol=1e-8, rtol=1e-6):
             continue
         base = x @ W.T + b
@@ -225,12 +234,9 @@ def check_prompt_mask(fn: Callable, quiet: bool = False) -> Verdict:
             if _unwritten(exc):
                 return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
             return _report(Verdict(False, f"for a {tuple(mask.shape)} mask and m = {m}: " + _crash(exc)), quiet)
-        if got is None:
-            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
-        if not torch.is_tensor(got) or tuple(got.shape) != tuple(want.shape):
-            shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-            return _report(Verdict(False, f"for a {tuple(mask.shape)} mask and m = {m} the result must be "
-                                          f"{tuple(want.shape)}, got {shape}"), quiet)
+        problem = _tensor_verdict(got, want.shape, f"for a {tuple(mask.shape)} mask and m = {m} the result must be")
+        if problem is not None:
+            return _report(problem, quiet)
         if not torch.equal(got.to(want.dtype), want):
             return _report(Verdict(False, f"for {mask.long().tolist()} and m = {m}: got {got.long().tolist()}; the "
                                           "prompt columns come first and are always attended, the padding stays "
@@ -340,12 +346,9 @@ def check_merge(fn: Callable, quiet: bool = False) -> Verdict:
                                       if "shape" in str(exc) or "size" in str(exc) else "")), quiet)
         layer.merge(["default"])
         want = layer.base_layer.weight.detach()
-        if got is None:
-            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
-        if not torch.is_tensor(got) or tuple(got.shape) != tuple(W.shape):
-            shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-            return _report(Verdict(False, f"the merged weight must keep W's shape {tuple(W.shape)}, got {shape}"),
-                           quiet)
+        problem = _tensor_verdict(got, W.shape, "the merged weight must keep W's shape")
+        if problem is not None:
+            return _report(problem, quiet)
         if torch.allclose(got, want, atol=1e-6):
             continue
         if torch.allclose(got, W + B @ A, atol=1e-6):
