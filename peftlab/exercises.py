@@ -9,6 +9,7 @@ and the typical wrong answers, which must fail.
 
 from __future__ import annotations
 
+import functools
 import traceback
 from typing import Callable
 
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 __all__ = ["check_lora_forward", "check_replace_linears", "check_schedule", "check_prompt_mask", "check_value",
-           "check_merge", "check_attention_share", "Verdict"]
+           "check_merge", "check_attention_share", "check_gpt2_count", "check_state_bytes", "check_svd_factors",
+           "check_adapter", "check_heatmap", "check_lora_count", "check_prefix_count", "Verdict"]
 
 
 class Verdict:
@@ -248,12 +250,6 @@ def check_prompt_mask(fn: Callable, quiet: bool = False) -> Verdict:
 
 
 # -- numeric answers whose formulas stay out of the notebooks ---------------------------------------
-def _bert_parameters(V: int, P: int, T: int, d: int, f: int, L: int) -> int:
-    embeddings = (V + P + T + 2) * d  # word, position, token type; LayerNorm weight and bias
-    layer = 4 * (d * d + d) + (2 * d * f + f + d) + 4 * d  # q, k, v, o; feed-forward; two LayerNorms
-    return embeddings + L * layer + d * d + d  # + pooler
-
-
 def _llama_layer(d: int, f: int, head_dim: int, kv_heads: int) -> int:
     return 2 * d * d + 2 * d * kv_heads * head_dim + 3 * d * f + 2 * d  # q, o; k, v; gate/up/down; 2 RMSNorms
 
@@ -268,14 +264,9 @@ def _answers() -> dict[str, tuple[float, float, str]]:
     spectrum = [6.0, 4.0, 3.0, 2.0, 1.0]
     minilm_act = 4 * 32 * 256 * 6 * (10 * 384 + 2 * 1536 + 3 * 12 * 256) / 1e6
     return {
-        "bert-base-parameters": (_bert_parameters(30522, 512, 2, 768, 3072, 12), 0.0,
-                                 "embeddings (with their LayerNorm), 12 layers (every matrix with its bias, two "
-                                 "LayerNorms each) and the pooler"),
         "smollm2-layer-with-mha": (_llama_layer(576, 1536, 64, 9), 0.0,
                                    "with 9 key/value heads k_proj and v_proj are as large as q_proj; add the "
                                    "three feed-forward matrices and the two RMSNorm weights"),
-        "adam-states-13b-gb": (16 * 13e9 / 1e9, 0.01, "per parameter: fp32 weight, fp32 gradient, two fp32 Adam "
-                                                       "moments"),
         "minilm-activations-32x256-mb": (minilm_act, 0.01, "apply the activation formula with B = 32, T = 256 "
                                                            "(the attention term grows with T squared)"),
         "rank2-error-of-6-4-3-2-1": (sum(x * x for x in spectrum[2:]) ** 0.5, 1e-3,
@@ -287,8 +278,6 @@ def _answers() -> dict[str, tuple[float, float, str]]:
                                         "in each of the 6 layers"),
         "minilm-lora-qv-r4-with-head": (6 * 2 * 4 * (384 + 384) + 384 * 2 + 2, 0.0,
                                         "A and B of query and value in each of the 6 layers, plus the head"),
-        "minilm-lora-qv-r8-with-head": (6 * 2 * 8 * (384 + 384) + 384 * 2 + 2, 0.0,
-                                        "A and B of query and value in each of the 6 layers, plus the head"),
         "smollm2-houlsby-b64": ((2 * 576 * 64 + 64 + 576) * 2 * 30, 0.0,
                                 "two adapters per layer, each with two matrices and two bias vectors"),
         "minilm-pfeiffer-b-matching-lora-r16": (_pfeiffer_matching_lora(384, 16), 0.0,
@@ -298,8 +287,8 @@ def _answers() -> dict[str, tuple[float, float, str]]:
         "merged-lora-macs-per-token": (0, 0.0, "after merging, what is left of the branch?"),
         "adamw-decay-left": ((1 - 1e-3 * 0.1) ** 1000, 1e-3,
                              "AdamW multiplies each weight by (1 - lr * weight_decay) once per step"),
-        "smollm2-flat-prefix-gqa": (2 * 30 * 10 * 3 * 64, 0.0, "keys and values, in every layer, per key/value head"),
-        "smollm2-flat-prefix-mha": (2 * 30 * 10 * 9 * 64, 0.0, "keys and values, in every layer, per key/value head"),
+        "prefix-gate-one-slot-ln3": (3 / (3 + 2), 1e-3, "the gate is Z_P / (Z_P + Z_K), and Z_K adds up the "
+                                                         "exponentials of every real key's score"),
     }
 
 
@@ -379,3 +368,366 @@ def check_attention_share(maps, answer, layer: int = 3, head: int = 0, token: st
                        quiet)
     return _report(Verdict(False, f"{answer} is off: the row of {token!r} in layer {layer}, head {head}, columns "
                                   "of [CLS] and [SEP]"), quiet)
+
+
+# -- parameter counts from a model's config -----------------------------------------------------------
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _call_counter(fn: Callable, config) -> tuple[int | None, Verdict | None]:
+    """Run the student's counter; (answer, None) or (None, the verdict to report)."""
+    try:
+        got = fn(config)
+    except Exception as exc:
+        if _unwritten(exc):
+            return None, Verdict(False, PENDING_CODE, pending=True)
+        return None, Verdict(False, _crash(exc))
+    if got is None:
+        return None, Verdict(False, PENDING_CODE, pending=True)
+    if isinstance(got, bool) or not isinstance(got, int) and not (isinstance(got, float) and got == int(got)):
+        return None, Verdict(False, f"return a whole number of parameters, got {got!r}")
+    return int(got), None
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_references() -> tuple:
+    """(config, parameter count of the real GPT2Model) for two made-up configurations and GPT-2 small."""
+    from transformers import GPT2Config, GPT2Model
+
+    configs = (GPT2Config(vocab_size=50, n_positions=20, n_embd=12, n_layer=2, n_head=3, bos_token_id=0,
+                          eos_token_id=0),
+               GPT2Config(vocab_size=31, n_positions=9, n_embd=8, n_layer=3, n_head=2, n_inner=20, bos_token_id=0,
+                          eos_token_id=0),
+               GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12))  # GPT-2 small
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return tuple((c, _count(GPT2Model(c))) for c in configs)
+
+
+def check_gpt2_count(fn: Callable, quiet: bool = False) -> Verdict:
+    """``fn(config)`` must return the parameter count of ``GPT2Model(config)`` from the fields of a
+    ``transformers.GPT2Config`` (``n_inner`` None means 4 * n_embd): compared with the real module on two
+    made-up configurations and on GPT-2 small, so a number tuned to one model fails."""
+    for config, want in _gpt2_references():
+        got, problem = _call_counter(fn, config)
+        if problem is not None:
+            return _report(problem, quiet)
+        if got == want:
+            continue
+        d, L = config.n_embd, config.n_layer
+        f = config.n_inner or 4 * d
+        known = {2 * d: "the final LayerNorm (ln_f) is missing",
+                 -(d * d + d): "GPT-2 has no pooler",
+                 -4 * d: "GPT-2 has no token-type embeddings and no LayerNorm right after the embeddings",
+                 L * 4 * d: "each block has two LayerNorms, each with a weight and a bias",
+                 L * (5 * d + f): "the linear layers have biases (the fused q/k/v layer has 3 d of them)"}
+        if config.n_inner:
+            known[L * (f - 4 * d) * (2 * d + 1)] = "the feed-forward width is n_inner when it is set"
+        hint = known.get(want - got, f"off by {want - got:+,}: token and position embeddings; per block two "
+                                     "LayerNorms, the fused q/k/v layer, the output projection and the MLP pair, "
+                                     "all with biases; one final LayerNorm")
+        return _report(Verdict(False, f"n_embd={d}, {L} blocks, vocab {config.vocab_size}: {got:,} is "
+                                      f"{'too small' if got < want else 'too large'}; {hint}"), quiet)
+    return _report(Verdict(True, f"equals GPT2Model's parameter count on three configurations, GPT-2 small's "
+                                 f"included ({want:,})"), quiet)
+
+
+# -- the memory of the model states ----------------------------------------------------------------------
+def _held_bytes(n_total: int, trainable_layers: int) -> tuple[int, int, int]:
+    """(bytes of weights, gradients and AdamW moments after one real step, N, trainable N) on a small MLP."""
+    torch.manual_seed(trainable_layers)
+    model = nn.Sequential(*(nn.Linear(n_total, n_total) for _ in range(4)))
+    for layer in list(model)[trainable_layers:]:
+        layer.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    model(torch.randn(2, n_total)).sum().backward()
+    optimizer.step()
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    held += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    held += sum(v.numel() * v.element_size() for st in optimizer.state.values() for k, v in st.items() if k != "step")
+    return held, sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable)
+
+
+def check_state_bytes(fn: Callable, quiet: bool = False) -> Verdict:
+    """``fn(n_total, n_trainable)`` must return the bytes of fp32 model states that AdamW training holds
+    when ``n_trainable`` of ``n_total`` parameters train: compared with the tensors PyTorch really holds
+    after one step (weights, gradients, moments) with every layer, some layers and one layer trainable."""
+    for width, layers in ((6, 4), (9, 1), (5, 3)):  # all, a quarter, three quarters trainable
+        held, n, k = _held_bytes(width, layers)
+        try:
+            got = fn(n, k)
+        except Exception as exc:
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+            return _report(Verdict(False, _crash(exc)), quiet)
+        if got is None:
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        if got == held:
+            continue
+        known = {16 * n: "frozen parameters get no gradient and no Adam moments",
+                 16 * k: "the frozen weights are still in memory: the forward pass needs them",
+                 4 * n + 8 * k: "each trainable parameter also has a gradient",
+                 4 * n + 4 * k: "AdamW keeps two moments per trainable parameter"}
+        hint = known.get(got, "count the bytes of every tensor PyTorch holds after one step")
+        return _report(Verdict(False, f"{k:,} of {n:,} parameters trainable: PyTorch holds {held:,} bytes, you "
+                                      f"said {got:,}; {hint}"), quiet)
+    return _report(Verdict(True, "equals the bytes PyTorch holds after a real AdamW step, frozen layers "
+                                 "included"), quiet)
+
+
+# -- a weight update compressed into LoRA's two factors ------------------------------------------------
+def check_svd_factors(fn: Callable, quiet: bool = False) -> Verdict:
+    """``fn(W, r)`` must return LoRA factors ``(B, A)``, B (m, r) and A (r, n), whose product is the best
+    rank-``r`` approximation of ``W`` (the truncated SVD), with the singular values in B and orthonormal rows
+    in A (A A^T = I): checked on tall, wide and square float64 matrices, r = 1 to full rank."""
+    g = torch.Generator().manual_seed(5)
+    for m, n, r in ((8, 5, 2), (4, 9, 1), (6, 6, 6), (10, 7, 3)):
+        W = torch.randn(m, n, generator=g, dtype=torch.float64)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        best = (U[:, :r] * S[:r]) @ Vh[:r]
+        where = f"for a {m} x {n} matrix and r = {r}"
+        try:
+            got = fn(W.clone(), r)
+        except Exception as exc:
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+            return _report(Verdict(False, f"{where}: " + _crash(exc)), quiet)
+        if got is None:
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            return _report(Verdict(False, f"return the pair (B, A), got {type(got).__name__}"), quiet)
+        B, A = got
+        for name, tensor, shape in (("B", B, (m, r)), ("A", A, (r, n))):
+            problem = _tensor_verdict(tensor, shape, f"{where}, {name} must be")
+            if problem is not None:
+                return _report(problem, quiet)
+        B, A = B.double(), A.double()
+        product = B @ A
+        if not torch.allclose(product, best, atol=1e-8):
+            error, optimum = float(torch.linalg.matrix_norm(W - product)), float(S[r:].square().sum().sqrt())
+            if torch.allclose(product, U[:, :r] @ Vh[:r], atol=1e-8):
+                msg = "B A is missing the singular values"
+            elif error > optimum + 1e-9:
+                msg = (f"W - B A has error {error:.3f}, the best possible is {optimum:.3f}: keep the r largest "
+                       "singular values (torch.linalg.svd returns them in descending order) and the matching "
+                       "columns of U and rows of Vh")
+            else:
+                msg = "B A is not the truncated SVD"
+            return _report(Verdict(False, f"{where}: {msg}"), quiet)
+        if not torch.allclose(A @ A.T, torch.eye(r, dtype=A.dtype), atol=1e-8):
+            return _report(Verdict(False, f"{where}: B A is right, but A's rows are not orthonormal: put the singular "
+                                          "values into B and keep A = the first r rows of Vh"), quiet)
+    return _report(Verdict(True, "B A is the truncated SVD and A has orthonormal rows, on every shape and rank "
+                                 "tried"), quiet)
+
+
+# -- a bottleneck adapter ----------------------------------------------------------------------------------
+def check_adapter(make: Callable, quiet: bool = False) -> Verdict:
+    """``make(d, b)`` must return a module with ``down`` = nn.Linear(d, b) and ``up`` = nn.Linear(b, d)
+    whose forward is h + up(relu(down(h))), equal to h at initialisation and able to learn from the first step."""
+    for d, b in ((12, 3), (7, 2), (384, 16)):
+        torch.manual_seed(d + b)
+        try:
+            adapter = make(d, b)
+        except Exception as exc:
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+            return _report(Verdict(False, f"make({d}, {b}): " + _crash(exc)), quiet)
+        if adapter is None:
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        down, up = getattr(adapter, "down", None), getattr(adapter, "up", None)
+        if not isinstance(down, nn.Linear) or not isinstance(up, nn.Linear):
+            return _report(Verdict(False, "the module needs two nn.Linear attributes, down and up"), quiet)
+        if tuple(down.weight.shape) != (b, d) or tuple(up.weight.shape) != (d, b):
+            return _report(Verdict(False, f"for d = {d}, b = {b}: down maps d -> b (weight {(b, d)}) and up b -> d "
+                                          f"(weight {(d, b)}); got {tuple(down.weight.shape)} and "
+                                          f"{tuple(up.weight.shape)} -- an adapter is sized by the width of the "
+                                          "hidden state it reads"), quiet)
+        if _count(adapter) != 2 * d * b + b + d:
+            return _report(Verdict(False, f"{_count(adapter):,} parameters for d = {d}, b = {b}: two matrices and "
+                                          "two bias vectors, nothing else"), quiet)
+        h = torch.randn(3, 5, d)
+        try:
+            out = adapter(h)
+        except Exception as exc:
+            return _report(Verdict(False, f"forward on a (3, 5, {d}) input: " + _crash(exc)), quiet)
+        problem = _tensor_verdict(out, h.shape, "the output keeps the input's shape")
+        if problem is not None:
+            return _report(problem, quiet)
+        if not torch.allclose(out, h, atol=1e-6):
+            return _report(Verdict(False, "a fresh adapter changes its input: start up (weight and bias) at zero so "
+                                          "the model begins exactly as pretrained"), quiet)
+        if not out.requires_grad:
+            return _report(Verdict(False, "the output does not depend on down and up: nothing could learn"), quiet)
+        (out * torch.randn_like(out)).sum().backward()
+        if up.weight.grad is None or not up.weight.grad.abs().sum() > 0:
+            return _report(Verdict(False, "up gets no gradient at the first step: with up = 0, its gradient is "
+                                          "relu(down(h)), so down must not start at zero"), quiet)
+        with torch.no_grad():
+            up.weight.normal_()
+            up.bias.normal_()
+            down.bias.normal_()
+            out = adapter(h)
+            branch = _linear(torch.relu(_linear(h, down)), up)
+        if torch.allclose(out, h + branch, atol=1e-4):
+            continue
+        if torch.allclose(out, branch, atol=1e-4):
+            msg = "the skip connection is missing: return h + branch"
+        elif torch.allclose(out, h + _linear(_linear(h, down), up), atol=1e-4):
+            msg = "the non-linearity is missing: relu between down and up"
+        else:
+            msg = "the output is not h + up(relu(down(h)))"
+        return _report(Verdict(False, f"d = {d}, b = {b}: {msg}"), quiet)
+    return _report(Verdict(True, "h + up(relu(down(h))): identity at init, learns from step one, 2db + b + d "
+                                 "parameters"), quiet)
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return x @ layer.weight.T + layer.bias
+
+
+# -- an attention heatmap of your own --------------------------------------------------------------------
+def check_heatmap(fn: Callable, quiet: bool = False) -> Verdict:
+    """``fn(ax, weights, tokens)`` must draw the (T, T) attention map ``weights`` (rows: queries, columns:
+    keys) on the matplotlib axes ``ax`` with ``ax.imshow``, every token as a tick label on both axes and the
+    colour scale fixed to 0..1 (so that heads can be compared)."""
+    from matplotlib.figure import Figure
+
+    g = torch.Generator().manual_seed(9)
+    for tokens in (["[CLS]", "not", "good", "at", "all", "[SEP]"], ["[CLS]", "superb", "[SEP]"]):
+        T = len(tokens)
+        weights = torch.softmax(3 * torch.randn(T, T, generator=g), dim=-1)  # rows sum to 1, not symmetric
+        ax = Figure(figsize=(4, 4)).add_subplot()
+        try:
+            fn(ax, weights.clone(), list(tokens))
+        except Exception as exc:
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+            return _report(Verdict(False, f"for {T} tokens: " + _crash(exc)), quiet)
+        if not ax.images:
+            return _report(Verdict(False, PENDING_CODE if not ax.has_data() else
+                                   "no image on the axes: draw the map with ax.imshow", pending=not ax.has_data()),
+                           quiet)
+        shown = torch.as_tensor(ax.images[-1].get_array().data, dtype=torch.float32)
+        if tuple(shown.shape) != (T, T):
+            return _report(Verdict(False, f"the image is {tuple(shown.shape)}, the map is {(T, T)}"), quiet)
+        if not torch.allclose(shown, weights, atol=1e-6):
+            msg = ("the map is transposed: row i must be query i's distribution over the keys"
+                   if torch.allclose(shown, weights.T, atol=1e-6) else "the image does not show the weights as given")
+            return _report(Verdict(False, msg), quiet)
+        x_labels = [t.get_text() for t in ax.get_xticklabels()]
+        y_labels = [t.get_text() for t in ax.get_yticklabels()]
+        if x_labels != tokens or y_labels != tokens:
+            which = "x (keys)" if x_labels != tokens else "y (queries)"
+            return _report(Verdict(False, f"the {which} tick labels read {x_labels if x_labels != tokens else y_labels}"
+                                          f": put every token at its position (ax.set_xticks(range(T), tokens))"),
+                           quiet)
+        if tuple(float(v) for v in ax.images[-1].get_clim()) != (0.0, 1.0):
+            return _report(Verdict(False, f"the colour scale runs {tuple(round(float(v), 3) for v in ax.images[-1].get_clim())}"
+                                          ": fix it to vmin=0, vmax=1 so two heads' maps can be compared"), quiet)
+    return _report(Verdict(True, "queries as rows, keys as columns, every token labelled, colours fixed to 0..1"),
+                   quiet)
+
+
+# -- LoRA's parameter count, from the model's layers ---------------------------------------------------
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                        num_attention_heads=6, num_key_value_heads=2, head_dim=4))
+
+
+def check_lora_count(fn: Callable, quiet: bool = False) -> Verdict:
+    """``fn(model, r, targets)`` must return how many parameters LoRA of rank ``r`` adds to every
+    ``nn.Linear`` whose own name (the part after the last dot) is in ``targets``: compared with what
+    ``peftlab.inject`` creates, on a BERT and on a Llama with grouped-query attention (non-square k and v)."""
+    import copy
+
+    from peftlab.config import LoRAConfig
+    from peftlab.inject import count_parameters, inject
+
+    cases = [(_tiny_bert(), 4, ("query", "value")), (_tiny_bert(), 2, ("query", "key", "value")),
+             (_tiny_llama(), 8, ("q_proj", "v_proj")),
+             (_tiny_llama(), 3, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))]
+    for model, r, targets in cases:
+        injected = inject(copy.deepcopy(model), LoRAConfig(r=r, alpha=2 * r, target_modules=targets))
+        want = count_parameters(injected).by_kind["lora"]
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            got = fn(model, r, targets)
+        except Exception as exc:
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+            return _report(Verdict(False, f"{type(model).__name__}, r = {r}, {targets}: " + _crash(exc)), quiet)
+        if got is None:
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        if set(model.state_dict()) != set(before):
+            return _report(Verdict(False, "count, do not change the model: it has new parameters now"), quiet)
+        if got != want:
+            square = "; k_proj and v_proj are not square here (grouped-query attention): r (d_in + d_out)" \
+                if "k_proj" in targets or "v_proj" in targets else ": r (d_in + d_out) per matched layer"
+            return _report(Verdict(False, f"{type(model).__name__}, r = {r}, targets {targets}: {got:,} "
+                                          f"{'too small' if got < want else 'too large'}{square}"), quiet)
+    return _report(Verdict(True, "equals what peftlab.inject adds, on BERT and on a grouped-query Llama"), quiet)
+
+
+# -- the size of a flat prefix -----------------------------------------------------------------------
+def _llama_configs():
+    from transformers import LlamaConfig
+
+    common = {"vocab_size": 64, "intermediate_size": 40}
+    yield LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, **common)
+    yield LlamaConfig(hidden_size=24, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, **common)
+    yield LlamaConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      **common)  # head_dim is not hidden_size / heads
+
+
+def check_prefix_count(fn: Callable, quiet: bool = False) -> Verdict:
+    """``fn(config, m)`` must return how many values a flat prefix of ``m`` virtual tokens holds in a Llama
+    model with ``config`` (a ``transformers.LlamaConfig``): compared with what ``peftlab.inject`` creates on
+    models with and without grouped-query attention, one with ``head_dim`` set apart from hidden_size / heads,
+    and with SmolLM2's count."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab.config import PrefixConfig
+    from peftlab.inject import count_parameters, inject
+
+    cases = []
+    for config in _llama_configs():
+        torch.manual_seed(0)
+        model = inject(LlamaForCausalLM(copy.deepcopy(config)), PrefixConfig(num_virtual_tokens=3, projection=False,
+                                                                              init="random"))
+        cases.append((config, 3, count_parameters(model).by_kind["prefix"]))
+    smol = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                       head_dim=64, intermediate_size=1536)
+    cases.append((smol, 10, 2 * 30 * 10 * 3 * 64))  # keys and values, layers, tokens, key/value heads, width
+    for config, m, want in cases:
+        try:
+            got = fn(copy.deepcopy(config), m)
+        except Exception as exc:
+            if _unwritten(exc):
+                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+            return _report(Verdict(False, _crash(exc)), quiet)
+        if got is None:
+            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        if got == want:
+            continue
+        L, H, K = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+        hd = config.head_dim
+        known = {want // L: "every layer has its own prefix",  # later entries win where two coincide
+                 want * H // K: "only the key/value heads get prefix entries, num_key_value_heads x head_dim wide",
+                 2 * L * m * config.hidden_size: "the key/value width is num_key_value_heads x head_dim, "
+                                                 "not hidden_size",
+                 want // 2: "a prefix holds keys and values"}
+        if got in known and not (got == want * H // K and H == K):
+            hint = known[got]
+        else:
+            hint = "count keys and values, in every layer, for every key/value head, each head_dim wide"
+        return _report(Verdict(False, f"{L} layers, {H} query / {K} key-value heads of width {hd}, m = {m}: "
+                                      f"{got:,} is {'too small' if got < want else 'too large'}; {hint}"), quiet)
+    return _report(Verdict(True, "equals what peftlab.inject creates, with and without grouped-query attention, "
+                                 "and SmolLM2's count"), quiet)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant import Linear4bit
 from .tree import AdapterLayer
 from .wrappers import adapter_dtype
 
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency in p
 
 __all__ = ["LoRALinear", "SUPPORTED_TYPES", "is_supported", "linear_shape"]
 
-SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ()) + (Linear4bit,)
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -43,11 +44,13 @@ def is_supported(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, fan_in_fan_out) of an ``nn.Linear`` or GPT-2 ``Conv1D``.
+    """(in_features, out_features, fan_in_fan_out) of an ``nn.Linear``, GPT-2 ``Conv1D`` or 4-bit ``Linear4bit``.
 
     ``nn.Linear`` keeps its weight as (out, in) and computes x W^T; ``Conv1D`` keeps (in, out) and
     computes x W (``fan_in_fan_out``, HF peft's name for it). The one place peftlab reads the layout.
     """
+    if isinstance(module, Linear4bit):  # its .weight would de-quantize the whole matrix just for the shape
+        return module.in_features, module.out_features, False
     transposed = Conv1D is not None and isinstance(module, Conv1D)
     rows, cols = module.weight.shape
     return (rows, cols, True) if transposed else (cols, rows, False)
@@ -185,6 +188,10 @@ class LoRALinear(AdapterLayer):
                 raise ValueError(f"no adapter named {n!r} in this layer (has {self.adapter_names})")
             if n in self.merged:
                 raise RuntimeError(f"adapter {n!r} is already merged: call unmerge() before merging again")
+        if names and isinstance(self.base_layer, Linear4bit):  # its .weight is a copy: writing into it does nothing
+            raise RuntimeError("cannot merge LoRA into a 4-bit (NF4) weight: re-quantizing W + s*B*A would round "
+                               "the update away; merge into a de-quantized copy instead: m = copy.deepcopy(model); "
+                               "peftlab.quant.dequantize_model(m); peftlab.merge(m)")
         w = self.base_layer.weight
         if names and not self.merged and w.dtype in (torch.float16, torch.bfloat16):
             self.unmerged_weight = w.detach().clone()  # unmerge() restores this copy bit-exactly

@@ -15,6 +15,7 @@ from torch import nn
 from .config import LoRAConfig
 from .inject import ExplainReport, ExplainRow
 from .lora import LoRALinear, linear_shape
+from .quant import Linear4bit
 from .targets import base_parameters, checked_plan, find_modules, linear_suffixes, replace_module, walk
 from .wrappers import ModulesToSaveWrapper, add_saves, delete_saves, mark_saves
 
@@ -66,12 +67,22 @@ def merge_lora(model: nn.Module, name: str) -> None:
         raise RuntimeError(f"adapter {name!r} has no LoRA layers in this model to merge")
     if any(m.merged for m in layers):
         raise RuntimeError("LoRA weights are already merged: calling merge() twice would add them twice")
+    _refuse_4bit(layers)  # before the first layer changes: a refusal leaves the model as it was
     for m in layers:
         m.merge([name])
 
 
+def _refuse_4bit(layers: list[LoRALinear]) -> None:
+    four_bit = [m for m in layers if isinstance(m.base_layer, Linear4bit)]
+    if four_bit:
+        raise RuntimeError(f"{len(four_bit)} of the adapter's {len(layers)} LoRA layers sit on 4-bit (NF4) weights: "
+                           "merging would round the update away; merge into a de-quantized copy instead: "
+                           "m = copy.deepcopy(model); peftlab.quant.dequantize_model(m); peftlab.merge(m)")
+
+
 def unload_lora(model: nn.Module, name: str) -> None:
-    """LoRA adapters can always be folded in by ``peftlab.unload``: nothing to refuse."""
+    """LoRA folds into full-precision weights; on a 4-bit base ``unload`` is refused before anything changes."""
+    _refuse_4bit([m for _, m in walk(model) if isinstance(m, LoRALinear) and name in m.lora_A])
 
 
 def explain_lora(model: nn.Module, config: LoRAConfig) -> ExplainReport:
