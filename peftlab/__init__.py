@@ -1,6 +1,6 @@
 """peftlab: parameter-efficient fine-tuning, implemented to be read.
 
-The package behind the peftlab course (``notebooks/``): LoRA, prefix-tuning and prompt
+The package behind the peftlab course (``notebooks/``): LoRA, IA³, prefix-tuning and prompt
 tuning, bottleneck adapters, training, evaluation and visualisation, for transformers 5
 models on the CPU or CUDA. Importing it loads no model and touches no network; the
 heavier helpers (``peftlab.viz``, ``peftlab.search``, ``peftlab.bench``) are imported on use.
@@ -10,8 +10,9 @@ from peftlab import data, hub, runtime
 
 # the methods' own modules, reachable as peftlab.lora, peftlab.prefix, ... (registration does not
 # depend on these imports: peftlab.registry finds each method's record when it is first needed)
-from peftlab import adapters, lora, prefix, prompt
+from peftlab import adapters, ia3, lora, prefix, prompt
 from peftlab.config import AdapterConfig, LoRAConfig, PrefixConfig, PromptTuningConfig
+from peftlab.ia3 import IA3Config
 from peftlab.data import load_e2e, load_sentiment
 from peftlab.hub import load_model
 from peftlab.inject import (count_parameters, delete, disabled, explain, inject, merge, set_active,
@@ -26,10 +27,12 @@ __all__ = [
     "__version__",
     # methods: their modules and configs
     "adapters",
+    "ia3",
     "lora",
     "prefix",
     "prompt",
     "AdapterConfig",
+    "IA3Config",
     "LoRAConfig",
     "PrefixConfig",
     "PromptTuningConfig",

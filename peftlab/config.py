@@ -6,7 +6,8 @@ and says how to fix it, rather than deep inside a forward pass.
 
 LoRA follows Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
 Models" (arXiv:2106.09685); rsLoRA scaling follows Kalajdzievski 2023, "A Rank
-Stabilization Scaling Factor for Fine-Tuning with LoRA" (arXiv:2312.03732).
+Stabilization Scaling Factor for Fine-Tuning with LoRA" (arXiv:2312.03732); DoRA follows
+Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation" (arXiv:2402.09353).
 The fields are explained in notebooks/03_lora.ipynb.
 """
 
@@ -101,6 +102,9 @@ class LoRAConfig(AdapterConfigBase):
       but not ``...queryx``);
     * a single string, matched as a full regular expression on the dotted name;
     * ``"all-linear"``: every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output head.
+
+    ``use_dora`` (Liu et al. 2024) learns each output row's length separately:
+    W' = m * (W + s B A) / ||W + s B A||_c with m (out,) starting at ||W||_c (see ``peftlab.lora``).
     """
 
     method: ClassVar[str] = "lora"
@@ -113,6 +117,7 @@ class LoRAConfig(AdapterConfigBase):
     bias: str = "none"  # "none" | "all" | "lora_only" (biases of adapted layers)
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     init: str = "kaiming"  # A ~ Kaiming-uniform(a=sqrt(5)) like nn.Linear; "gaussian": A ~ N(0, 1/r^2)
+    use_dora: bool = False  # DoRA: also learn a magnitude per output row; params per matrix = r * (in + out) + out
 
     def __post_init__(self) -> None:
         r = self.r
@@ -133,6 +138,8 @@ class LoRAConfig(AdapterConfigBase):
             self._fail("use_rslora", self.use_rslora, "a bool", "pass True or False")
         if self.init not in _INIT_MODES:
             self._fail("init", self.init, f"one of {_INIT_MODES}", 'use "kaiming" (matches HF peft\'s default)')
+        if not isinstance(self.use_dora, bool):
+            self._fail("use_dora", self.use_dora, "a bool", "pass True (DoRA) or False (plain LoRA)")
 
     def _check_names(self, field: str, value: Any, allow_pattern: bool) -> tuple[str, ...] | str:
         """Normalise a list of module names to a tuple (or keep a regex string)."""

@@ -31,6 +31,7 @@ import torch
 from . import atomic
 
 TASKS = ("classification", "causal-lm", "base")
+QUANTIZE = (None, "nf4")  # load_model(quantize=...): full precision, or QLoRA's 4-bit NormalFloat
 CACHE_ENV = "PEFTLAB_CACHE"
 _MARKER = "peftlab_cache.json"
 _CACHE_FORMAT = 1
@@ -131,6 +132,7 @@ def load_model(
     device: torch.device | str | None = None,
     attn_implementation: str = "eager",
     quiet: bool = True,
+    quantize: str | None = None,
     **kwargs,
 ):
     """Load a pretrained model and its tokenizer; returns ``(model, tokenizer)``.
@@ -139,9 +141,13 @@ def load_model(
     ``task``: ``"classification"`` (a fresh ``num_labels``-way head, initialised from
     ``seed`` so that runs repeat), ``"causal-lm"`` (next-token head) or ``"base"`` (no head).
     The model comes back in eval mode on ``device`` (default: CPU).
+    ``quantize="nf4"``: every linear layer except the output head becomes a frozen 4-bit NF4
+    ``peftlab.quant.Linear4bit`` (QLoRA's base model; LoRA trains on top in ``dtype``).
     """
     from transformers import AutoTokenizer
 
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not one of {QUANTIZE}: use None (full precision) or \"nf4\"")
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not one of {TASKS}")
     if task == "classification" and (not isinstance(num_labels, int) or num_labels < 2):
@@ -171,6 +177,11 @@ def load_model(
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and tokenizer.model_max_length > limit:
         tokenizer.model_max_length = limit
+    if quantize == "nf4":
+        from .quant import quantize_model
+        from .targets import HEAD_NAMES
+
+        quantize_model(model, skip=HEAD_NAMES)  # heads stay trainable (and the tied lm_head shared)
     model.eval()
     if device is not None:
         model.to(device)

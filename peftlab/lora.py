@@ -9,10 +9,19 @@ with A (r x in) initialised like ``nn.Linear`` (Kaiming-uniform, a = sqrt(5)) an
 B (out x r) initialised to zero, so the adapted model starts out identical to the
 base model.  Explained in notebooks/03_lora.ipynb.
 
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353)
+splits the adapted weight into a learned magnitude m (out,) and a direction:
+
+    W' = m * (W + s B A) / ||W + s B A||_c,     m initialised to ||W||_c
+
+where ||.||_c is the L2 norm of each output row (over the inputs), so W' = W at init.  As
+in the paper (section 4.3) and HF peft, the norm is a constant in backward (no gradient).
+
 Adapters are kept per name in ``nn.ModuleDict``s (``lora_A[name]``,
 ``lora_B[name]``, bias-free ``nn.Linear``s), which gives state-dict keys of the
 form ``<path>.lora_A.<name>.weight`` -- the same layout HF peft uses, so
-checkpoints convert by dropping the adapter name.  Every LoRA parameter name
+checkpoints convert by dropping the adapter name (DoRA's m: ``<path>.lora_magnitude_vector.<name>.weight``,
+which peft's files store as ``<path>.lora_magnitude_vector``).  Every LoRA parameter name
 contains ``lora_``; freezing and saving key off that prefix.
 """
 
@@ -33,7 +42,7 @@ try:  # GPT-2 style layer storing its weight transposed, (in, out)
 except ImportError:  # pragma: no cover - transformers is a hard dependency in practice
     Conv1D = None  # type: ignore[assignment,misc]
 
-__all__ = ["LoRALinear", "SUPPORTED_TYPES", "is_supported", "linear_shape"]
+__all__ = ["LoRALinear", "Magnitude", "SUPPORTED_TYPES", "is_supported", "linear_shape"]
 
 SUPPORTED_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ()) + (Linear4bit,)
 
@@ -56,6 +65,14 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     return (rows, cols, True) if transposed else (cols, rows, False)
 
 
+class Magnitude(nn.Module):
+    """DoRA's learned magnitude of one adapter: ``weight`` (out,), the length of each row of W'."""
+
+    def __init__(self, norm: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(norm)  # (out,)
+
+
 class LoRALinear(AdapterLayer):
     """Wrap an ``nn.Linear`` or GPT-2 ``Conv1D`` with any number of named LoRA adapters.
 
@@ -64,6 +81,7 @@ class LoRALinear(AdapterLayer):
     Attributes:
         base_layer: the wrapped (frozen) layer, unchanged.
         lora_A / lora_B / lora_dropout: ``nn.ModuleDict`` keyed by adapter name.
+        lora_magnitude_vector: ``nn.ModuleDict`` of :class:`Magnitude`, for the DoRA adapters only.
         scaling: adapter name -> float multiplier of its branch.
         active: names whose branch is added in ``forward``.
         merged: names currently folded into ``base_layer.weight``.
@@ -80,6 +98,8 @@ class LoRALinear(AdapterLayer):
     bit-exactly.  The cost is one extra copy of the weight while merged.  fp32 / fp64
     bases keep no copy: ``unmerge`` subtracts the update again, which leaves a
     rounding error of the order of float32's epsilon times the weight per cycle.
+    A layer holding a DoRA adapter always keeps the copy (W' = m * V / ||V||_c has no cheap
+    exact inverse), so its ``unmerge`` is bit-exact in every dtype.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -92,6 +112,7 @@ class LoRALinear(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.ranks: dict[str, int] = {}
         self.active: set[str] = set()
@@ -109,10 +130,14 @@ class LoRALinear(AdapterLayer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
     ) -> None:
-        """Create adapter ``name``: A (r, in) random, B (out, r) zero.  Does not activate it."""
+        """Create adapter ``name``: A (r, in) random, B (out, r) zero (DoRA: m = ||W||_c).  Does not activate it."""
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists in this layer: pick another name or delete it first")
+        if use_dora and self.merged:
+            raise RuntimeError(f"cannot add DoRA adapter {name!r} while {self.merged} are merged: its magnitude would "
+                               "start from the merged weight; unmerge() first")
         w = self.base_layer.weight
         dtype = adapter_dtype(w)  # float32 on a half-precision base
         a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)  # weight (r, in)
@@ -130,6 +155,8 @@ class LoRALinear(AdapterLayer):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.ranks[name] = r
+        if use_dora:  # B = 0, so ||W + s B A||_c = ||W||_c and W' = W
+            self.lora_magnitude_vector[name] = Magnitude(self.weight_norm(name).to(dtype))
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (it must not be merged)."""
@@ -137,6 +164,8 @@ class LoRALinear(AdapterLayer):
             raise RuntimeError(f"adapter {name!r} is merged into the weight: unmerge() before deleting it")
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.scaling.pop(name)
         self.ranks.pop(name)
         self.active.discard(name)
@@ -161,19 +190,47 @@ class LoRALinear(AdapterLayer):
 
     # -- merging ------------------------------------------------------------------
     def _merge_dtype(self) -> torch.dtype:
-        # at least float32 (fp16/bf16 are upcast), float64 stays float64
-        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+        # at least float32 (fp16/bf16 are upcast), float64 stays float64; a 4-bit base's .weight would de-quantize
+        base = self.base_layer
+        dt = base.weight_dtype if isinstance(base, Linear4bit) else base.weight.dtype
+        return torch.promote_types(dt, torch.float32)
+
+    def _rows(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight laid out like ``base_layer.weight`` -> (out, in) (and back: Conv1D's is a transpose)."""
+        return w.T if self.fan_in_fan_out else w
+
+    def _base_rows(self) -> torch.Tensor:
+        """The base weight W as (out, in), in (at least) float32 (a 4-bit base is de-quantized)."""
+        return self._rows(self.base_layer.weight).to(self._merge_dtype())
+
+    def _delta_rows(self, name: str) -> torch.Tensor:
+        dt = self._merge_dtype()
+        a = self.lora_A[name].weight.to(dt)  # (r, in)
+        b = self.lora_B[name].weight.to(dt)  # (out, r)
+        return (b @ a) * self.scaling[name]  # (out, in)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update s * B @ A in (at least) float32, laid out like ``base_layer.weight``.
 
         Returns (out, in) for ``nn.Linear`` and (in, out) for ``Conv1D``.
         """
-        dt = self._merge_dtype()
-        a = self.lora_A[name].weight.to(dt)  # (r, in)
-        b = self.lora_B[name].weight.to(dt)  # (out, r)
-        delta = (b @ a) * self.scaling[name]  # (out, in)
-        return delta.T if self.fan_in_fan_out else delta  # Conv1D: (in, out)
+        return self._rows(self._delta_rows(name))  # Conv1D: (in, out)
+
+    def weight_norm(self, name: str, w: torch.Tensor | None = None) -> torch.Tensor:
+        """DoRA's ||W + s B A||_c: the L2 norm of each output row, (out,), without gradient.
+
+        ``w``: the base weight as (out, in) in (at least) float32, if the caller already has it.
+        """
+        with torch.no_grad():
+            v = (self._base_rows() if w is None else w) + self._delta_rows(name)  # (out, in)
+            return torch.linalg.vector_norm(v, dim=1)  # (out,)
+
+    def dora_weight(self, name: str) -> torch.Tensor:
+        """DoRA's W' = m * (W + s B A) / ||W + s B A||_c, (at least) float32, laid out like ``base_layer.weight``."""
+        with torch.no_grad():
+            v = self._base_rows() + self._delta_rows(name)  # (out, in)
+            m = self.lora_magnitude_vector[name].weight.to(v.dtype)  # (out,)
+            return self._rows((m / torch.linalg.vector_norm(v, dim=1)).unsqueeze(1) * v)
 
     def _add_to_weight(self, delta: torch.Tensor) -> None:
         w = self.base_layer.weight
@@ -193,10 +250,15 @@ class LoRALinear(AdapterLayer):
                                "the update away; merge into a de-quantized copy instead: m = copy.deepcopy(model); "
                                "peftlab.quant.dequantize_model(m); peftlab.merge(m)")
         w = self.base_layer.weight
-        if names and not self.merged and w.dtype in (torch.float16, torch.bfloat16):
+        # DoRA: add_adapter refuses a DoRA adapter while merged, so a layer with one keeps the copy from the start
+        if names and not self.merged and (w.dtype in (torch.float16, torch.bfloat16) or self.lora_magnitude_vector):
             self.unmerged_weight = w.detach().clone()  # unmerge() restores this copy bit-exactly
         for n in names:
-            self._add_to_weight(self.delta_weight(n))
+            if n in self.lora_magnitude_vector:  # W <- W', the whole weight, not an additive update
+                with torch.no_grad():
+                    w.copy_(self.dora_weight(n).to(w.dtype))
+            else:
+                self._add_to_weight(self.delta_weight(n))
             self.merged.append(n)
 
     def unmerge(self) -> None:
@@ -220,10 +282,11 @@ class LoRALinear(AdapterLayer):
 
     # -- forward ------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in) -> (..., out) = base(x) + sum over active, unmerged adapters of s * B(A(dropout(x)))."""
+        """x: (..., in) -> (..., out) = base(x) + sum over active, unmerged adapters of s * B(A(dropout(x)))
+        (DoRA adapters add :meth:`_dora_delta` instead)."""
         if self.disabled and self.merged:
             raise RuntimeError(f"adapters {self.merged} are merged, so they cannot be disabled: call unmerge() first")
-        result = self.base_layer(x)  # (..., out)
+        result = base_out = self.base_layer(x)  # (..., out)
         if self.disabled or not self.active:
             return result
         for name in sorted(self.active) if len(self.active) > 1 else self.active:
@@ -232,6 +295,9 @@ class LoRALinear(AdapterLayer):
             a_w = self.lora_A[name].weight  # (r, in)
             b_w = self.lora_B[name].weight  # (out, r)
             h = x if x.dtype == a_w.dtype else x.to(a_w.dtype)  # low-precision base, fp32 adapter
+            if name in self.lora_magnitude_vector:
+                result = result + self._dora_delta(name, h, base_out).to(result.dtype)
+                continue
             drop = self.lora_dropout[name]
             if not isinstance(drop, nn.Identity):
                 h = drop(h)
@@ -249,6 +315,26 @@ class LoRALinear(AdapterLayer):
                 result = result + (F.linear(xa, b_w) * self.scaling[name]).to(result.dtype)
         return result
 
+    def _dora_delta(self, name: str, h: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output: W'x - Wx = (m/n - 1) * W x + (m/n) * s * B A x, n = ||W + s B A||_c.
+
+        h: (..., in), the input in the adapter's dtype; base_out: (..., out), the base layer's output
+        (bias included, which W' leaves alone).  With dropout (training only) both terms see the
+        dropped input, as in HF peft, so W x is recomputed from it.
+        """
+        w = self._base_rows()  # (out, in); one extra de-quantization on a 4-bit base
+        scale = self.lora_magnitude_vector[name].weight / self.weight_norm(name, w)  # (out,); norm: no gradient
+        drop = self.lora_dropout[name]
+        if isinstance(drop, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            plain = base_out if bias is None else base_out - bias  # x W^T, (..., out)
+        else:
+            h = drop(h)
+            plain = F.linear(h, w.to(h.dtype))  # dropout(x) W^T, (..., out)
+        low = F.linear(F.linear(h, self.lora_A[name].weight), self.lora_B[name].weight)  # (..., in) -> (..., out)
+        return (scale - 1) * plain + scale * low * self.scaling[name]  # (..., out)
+
     def extra_repr(self) -> str:
-        ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.lora_A)
+        ranks = ", ".join(f"{n}: r={self.ranks[n]}{' (DoRA)' if n in self.lora_magnitude_vector else ''}"
+                          for n in self.lora_A)
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ranks}], merged={self.merged}"

@@ -1,6 +1,7 @@
 """LoRA's hooks: put :class:`peftlab.lora.LoRALinear` layers in, train, merge and delete them.
 
-Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685);
+DoRA (``use_dora``): Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation" (arXiv:2402.09353).
 ``peftlab.targets`` decides which modules a :class:`peftlab.config.LoRAConfig` selects (and
 refuses impossible configs before anything changes); these functions carry the plan out.
 They are called through LoRA's record (``peftlab.lora_io.HOOKS``) by the generic
@@ -23,7 +24,7 @@ __all__ = ["inject_lora", "mark_lora_trainable", "delete_lora", "merge_lora", "e
 
 
 def owns_lora(parameter_name: str) -> bool:
-    """Every LoRA parameter's name contains ``lora_`` (``lora_A`` / ``lora_B``)."""
+    """Every LoRA parameter's name contains ``lora_`` (``lora_A`` / ``lora_B`` / DoRA's ``lora_magnitude_vector``)."""
     return "lora_" in parameter_name
 
 
@@ -31,7 +32,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, name: str) -> None:
     plan = checked_plan(model, config, name)  # every check happens before the first change
     for mod_name, mod, _ in plan.targets:
         layer = mod if isinstance(mod, LoRALinear) else LoRALinear(mod)
-        layer.add_adapter(name, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
+        layer.add_adapter(name, config.r, config.alpha, config.dropout, config.use_rslora, config.init,
+                          config.use_dora)
         if layer is not mod:
             replace_module(model, mod_name, layer)
     add_saves(model, config.modules_to_save, name, plan.saves)
@@ -42,6 +44,8 @@ def mark_lora_trainable(model: nn.Module, config: LoRAConfig, name: str) -> None
         if isinstance(mod, LoRALinear) and name in mod.lora_A:
             mod.lora_A[name].weight.requires_grad_(True)
             mod.lora_B[name].weight.requires_grad_(True)
+            if name in mod.lora_magnitude_vector:
+                mod.lora_magnitude_vector[name].weight.requires_grad_(True)
             if config.bias == "lora_only" and mod.base_layer.bias is not None:
                 mod.base_layer.bias.requires_grad_(True)
     mark_saves(model, name)
@@ -61,7 +65,7 @@ def delete_lora(model: nn.Module, name: str) -> None:
 
 
 def merge_lora(model: nn.Module, name: str) -> None:
-    """Fold adapter ``name`` (the active one) into the base weights: W <- W + s * B A."""
+    """Fold adapter ``name`` (the active one) into the base weights: W <- W + s * B A (DoRA: W <- W')."""
     layers = [m for _, m in walk(model) if isinstance(m, LoRALinear) and name in m.lora_A]
     if not layers:
         raise RuntimeError(f"adapter {name!r} has no LoRA layers in this model to merge")
@@ -93,7 +97,7 @@ def explain_lora(model: nn.Module, config: LoRAConfig) -> ExplainReport:
         base = m.base_layer if isinstance(m, LoRALinear) else m
         fan_in, fan_out, _ = linear_shape(base)
         rows.append(ExplainRow(n, "lora", type(base).__name__, why, f"{fan_in} -> {fan_out}",
-                               config.r * (fan_in + fan_out)))
+                               config.r * (fan_in + fan_out) + (fan_out if config.use_dora else 0)))
     for n, m in plan.saves:
         src = m.original_module if isinstance(m, ModulesToSaveWrapper) else m
         rows.append(ExplainRow(n, "modules_to_save", type(src).__name__, "modules_to_save", "",

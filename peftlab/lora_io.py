@@ -9,6 +9,8 @@ peftlab's own record, see ``peftlab.io``).  The layout is the one HF peft uses, 
 
 * ``base_model.model.<module path>.lora_A.weight``  (r, in)
 * ``base_model.model.<module path>.lora_B.weight``  (out, r)
+* ``base_model.model.<module path>.lora_magnitude_vector``  (out,), DoRA's m (Liu et al. 2024,
+  arXiv:2402.09353); peft's file key has no ``.weight``, unlike its in-memory name
 * ``base_model.model.<module path>.<param>`` for each ``modules_to_save`` copy
   (peft drops the ``modules_to_save.<name>`` part when saving)
 * ``base_model.model.<module path>.base_layer.bias`` etc. when biases are trained.
@@ -60,6 +62,8 @@ def lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if isinstance(mod, LoRALinear) and name in mod.lora_A:
             out[f"{PREFIX}{path}.lora_A.weight"] = mod.lora_A[name].weight
             out[f"{PREFIX}{path}.lora_B.weight"] = mod.lora_B[name].weight
+            if name in mod.lora_magnitude_vector:
+                out[f"{PREFIX}{path}.lora_magnitude_vector"] = mod.lora_magnitude_vector[name].weight
             if config.bias == "lora_only" and mod.base_layer.bias is not None:
                 out[f"{PREFIX}{path}.base_layer.bias"] = mod.base_layer.bias
     out.update(saved_copies(model, name, prefix=PREFIX))  # peft drops "modules_to_save.<name>" from the key
@@ -97,6 +101,7 @@ def _peft_config(model: nn.Module, config: LoRAConfig, name: str) -> dict:
         "modules_to_save": list(config.modules_to_save) or None,
         "bias": config.bias,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": any(m.fan_in_fan_out for _, m in lora_layers),
         "init_lora_weights": True if config.init == "kaiming" else config.init,
         "inference_mode": True,
@@ -148,7 +153,7 @@ def _check_init(path: Path, init) -> None:
 
 # peft LoraConfig fields that change what the adapter computes, which peftlab does not implement:
 # loading such a file as plain LoRA would give wrong outputs, so a set (truthy) one is refused
-_UNSUPPORTED_PEFT_KEYS = ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "lora_bias",
+_UNSUPPORTED_PEFT_KEYS = ("rank_pattern", "alpha_pattern", "layers_to_transform", "lora_bias",
                           "trainable_token_indices", "target_parameters", "layer_replication", "use_qalora",
                           "alora_invocation_tokens", "megatron_config", "arrow_config")
 
@@ -175,6 +180,7 @@ def _read_config(d: Path) -> tuple[LoRAConfig, bool, str | list[str] | None]:
         modules_to_save=tuple(raw.get("modules_to_save") or ()),
         bias=raw.get("bias", "none"),
         use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
         init="gaussian" if init == "gaussian" else "kaiming",
     )
     exclude = raw.get("exclude_modules") or None
@@ -214,6 +220,8 @@ def _expected_lora_keys(model: nn.Module, config: LoRAConfig, name: str) -> tupl
         fan_in, fan_out, _ = linear_shape(base)
         required[f"{PREFIX}{path}.lora_A.weight"] = (config.r, fan_in)
         required[f"{PREFIX}{path}.lora_B.weight"] = (fan_out, config.r)
+        if config.use_dora:
+            required[f"{PREFIX}{path}.lora_magnitude_vector"] = (fan_out,)
         if config.bias == "lora_only" and base.bias is not None:
             optional[f"{PREFIX}{path}.base_layer.bias"] = tuple(base.bias.shape)
     required.update(saved_shapes(plan.saves, prefix=PREFIX))

@@ -12,6 +12,7 @@ lora       ``peftlab.lora_io.HOOKS``       ``peftlab.lora``, ``peftlab.lora_inje
 prefix     ``peftlab.prefix_io.PREFIX``    ``peftlab.prefix``
 prompt     ``peftlab.prefix_io.PROMPT``    ``peftlab.prompt``
 adapter    ``peftlab.adapters.HOOKS``      ``peftlab.adapters``
+ia3        ``peftlab.ia3.HOOKS``           ``peftlab.ia3``
 =========  ==============================  =====================================
 
 The built-in records are resolved on first lookup (an explicit import of the module
@@ -84,6 +85,7 @@ BUILTIN = {
     "prefix": ("peftlab.prefix_io", "PREFIX"),
     "prompt": ("peftlab.prefix_io", "PROMPT"),
     "adapter": ("peftlab.adapters", "HOOKS"),
+    "ia3": ("peftlab.ia3", "HOOKS"),
 }
 _REGISTRY: dict[str, MethodHooks] = {}
 

@@ -4,7 +4,9 @@
 teaches in ``notebooks/06_training.ipynb``:
 
 * AdamW (Loshchilov & Hutter, 2019) over the *trainable* parameters only, in two groups:
-  weight decay on matrices, none on biases and normalisation weights;
+  weight decay on matrices, none on biases and normalisation weights; with
+  ``loraplus_ratio`` a third group, the LoRA B matrices at ``lr * loraplus_ratio`` (LoRA+,
+  Hayou et al. 2024, arXiv:2402.12354);
 * linear warm-up then linear, cosine (Loshchilov & Hutter, 2017, "SGDR") or constant decay,
   written as the pure function ``lr_factor`` so that it can be plotted and tested;
 * gradient clipping by global norm, gradient accumulation (equal to the big-batch gradient for
@@ -65,6 +67,9 @@ class TrainConfig:
     warmup: float | int = 0.06  # float in [0, 1): share of the steps; int >= 1: steps
     schedule: str = "linear"  # decay after warm-up: linear | cosine | constant
     weight_decay: float = 0.01  # AdamW decay on matrices (not on biases and norms)
+    # LoRA+ (Hayou et al. 2024): the lora_B matrices train at lr * ratio, all else at lr; the paper
+    # recommends ~16. None: one learning rate for everything
+    loraplus_ratio: float | None = None
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "fp32"  # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA only, with GradScaler)
@@ -114,6 +119,10 @@ class TrainConfig:
             fail("precision", self.precision, f"one of {PRECISIONS}", "use 'fp32' on a CPU")
         if not (is_finite(self.weight_decay) and self.weight_decay >= 0):
             fail("weight_decay", self.weight_decay, "a finite number >= 0", "use 0.01 or 0.0")
+        r = self.loraplus_ratio
+        if r is not None and not (is_finite(r) and r > 0):
+            fail("loraplus_ratio", r, "None or a finite number > 0",
+                 "use e.g. 16 (LoRA+'s recommendation: B learns 16x faster than A), or None for one learning rate")
         if self.max_grad_norm is not None and not (is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
             fail("max_grad_norm", self.max_grad_norm, "None or a finite number > 0",
                  "use 1.0, or None to switch clipping off")
@@ -182,22 +191,46 @@ def _no_decay(module: nn.Module, pname: str) -> bool:
     return pname == "bias" or pname.endswith("_bias") or "norm" in type(module).__name__.lower()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[list[str]]]:
-    """AdamW groups over trainable parameters: [decayed, not decayed], and their names."""
-    decay, plain, seen = [], [], set()
+def _is_lora_b(full_name: str) -> bool:
+    return "lora_B" in full_name.split(".")  # <layer>.lora_B.<adapter>.weight (peftlab.lora's naming rule)
+
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 loraplus_ratio: float | None = None) -> tuple[list[dict], list[list[str]]]:
+    """AdamW groups over trainable parameters: [decayed, not decayed], and their names.
+
+    With ``loraplus_ratio`` (LoRA+, Hayou et al. 2024) the trainable ``lora_B`` matrices leave the
+    decayed group for a third one, ``{"lr_scale": loraplus_ratio}`` (decayed too): ``train`` sets
+    each group's learning rate to the scheduled lr times its ``lr_scale`` (1 where absent).
+    Raises ``ValueError`` if the ratio is given but the model trains no ``lora_B``.
+    """
+    decay, plain, b_mats, seen = [], [], [], set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             full = f"{mname}.{pname}" if mname else pname
-            (plain if _no_decay(module, pname) else decay).append((full, p))
-    if not decay and not plain:
+            if loraplus_ratio is not None and _is_lora_b(full):
+                b_mats.append((full, p))
+            else:
+                (plain if _no_decay(module, pname) else decay).append((full, p))
+    if not decay and not plain and not b_mats:
         raise ValueError("the model has no trainable parameters: inject an adapter "
                          "(peftlab.inject) or set requires_grad=True on what you want to train")
     groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
               {"params": [p for _, p in plain], "weight_decay": 0.0}]
-    return groups, [[n for n, _ in decay], [n for n, _ in plain]]
+    names = [[n for n, _ in decay], [n for n, _ in plain]]
+    if loraplus_ratio is not None:
+        if not b_mats:
+            raise ValueError(
+                f"TrainConfig.loraplus_ratio={loraplus_ratio!r} scales the learning rate of LoRA's B matrices, but "
+                f"{type(model).__name__} trains none (no trainable parameter named '*.lora_B.*'): inject a LoRA "
+                "adapter and make it the active one (peftlab.inject(model, LoRAConfig(...))), or set "
+                "loraplus_ratio=None")
+        groups.append({"params": [p for _, p in b_mats], "weight_decay": weight_decay, "lr_scale": loraplus_ratio})
+        names.append([n for n, _ in b_mats])
+    return groups, names
 
 
 def _launched_distributed() -> bool:
@@ -246,7 +279,10 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     the optimizer, resume, then per batch forward + backward, per window an optimizer step,
     logging, evaluation and checkpoints.
     """
-    run = _Run(model, config or TrainConfig(), on_evaluate)
+    config = config or TrainConfig()
+    if config.loraplus_ratio is not None:  # refuse a model without LoRA B matrices before anything runs
+        param_groups(model, config.weight_decay, config.loraplus_ratio)
+    run = _Run(model, config, on_evaluate)
     run.check_data(train_data, eval_data)
     run.prepare(resuming=bool(resume_from))
     if resume_from:
@@ -306,8 +342,10 @@ class _Run:
         if not resuming:  # a resumed run gets the generators' states from its checkpoint instead
             torch.manual_seed(config.seed)
         self.model.to(self.device)
-        groups, self.names = param_groups(self.model, config.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
+        groups, self.names = param_groups(self.model, config.weight_decay, config.loraplus_ratio)
+        self.lr_scales = [g.pop("lr_scale", 1.0) for g in groups]  # LoRA+: the B group's lr multiplier
+        self.optimizer = torch.optim.AdamW([{**g, "lr": config.lr * s} for g, s in zip(groups, self.lr_scales)],
+                                           lr=config.lr)
         if self.accelerator is not None:
             self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, self.optimizer, self.loader)
             self.raw = self.accelerator.unwrap_model(self.model)
@@ -324,7 +362,8 @@ class _Run:
         config, result = self.config, self.result
         state = ckpt.load_checkpoint(path, self.raw, self._inner_optimizer(), self.names)
         old = state.get("config", {})
-        for key in ("batch_size", "grad_accum", "seed", "max_steps", "epochs", "schedule", "warmup", "lr"):
+        for key in ("batch_size", "grad_accum", "seed", "max_steps", "epochs", "schedule", "warmup", "lr",
+                    "loraplus_ratio"):
             if key in old and old[key] != getattr(config, key):
                 warnings.warn(f"resuming with {key}={getattr(config, key)!r} but the checkpoint used "
                               f"{old[key]!r}: the run will not match an uninterrupted one", stacklevel=3)
@@ -371,8 +410,8 @@ class _Run:
         """Schedule, clip, step; returns the history row of this step."""
         config, optimizer, scaler = self.config, self.optimizer, self.scaler
         factor = lr_factor(self.step, self.total, self.warm, config.schedule)
-        for g in optimizer.param_groups:
-            g["lr"] = config.lr * factor
+        for g, scale in zip(optimizer.param_groups, self.lr_scales):
+            g["lr"] = config.lr * factor * scale  # scale: 1, or loraplus_ratio for LoRA's B matrices
         if scaler is not None:
             scaler.unscale_(optimizer)
         clip = config.max_grad_norm or float("inf")

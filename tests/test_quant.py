@@ -235,3 +235,8 @@ def _tiny_llama_for_merge():
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_load_model_refuses_an_unknown_quantization_before_loading_anything():
+    with pytest.raises(ValueError, match=r"quantize='int4'.*\"nf4\""):
+        peftlab.load_model("minilm", quantize="int4")
