@@ -182,6 +182,9 @@ def load_model(
         from .targets import HEAD_NAMES
 
         quantize_model(model, skip=HEAD_NAMES)  # heads stay trainable (and the tied lm_head shared)
+        with torch.no_grad():  # the rest is copied off the weights file's memory map, which then closes and
+            for t in list(model.parameters()) + list(model.buffers()):  # hands back the fp32 pages just read
+                t.data = t.data.clone()
     model.eval()
     if device is not None:
         model.to(device)

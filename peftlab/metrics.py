@@ -34,7 +34,7 @@ import torch
 __all__ = [
     "accuracy", "f1", "roc_auc", "classification_metrics", "evaluate", "evaluate_classifier",
     "bleu", "rouge_l", "perplexity", "generate_texts", "latency", "PeakMemory", "peak_rss_bytes",
-    "current_rss_bytes", "rng_preserved",
+    "current_rss_bytes", "reset_peak_rss", "trim_heap", "rng_preserved",
 ]
 
 
@@ -371,6 +371,19 @@ def reset_peak_rss() -> bool:
             fh.write("5")
         return True
     except OSError:
+        return False
+
+
+def trim_heap() -> bool:
+    """Hand memory that was freed (e.g. fp32 weights replaced by 4-bit ones) back to the OS, so that
+    RSS measures what is in use (glibc's ``malloc_trim``); False where that is not available."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    except (OSError, AttributeError):
         return False
 
 

@@ -22,6 +22,7 @@ a copy first: ``m = copy.deepcopy(model); dequantize_model(m); peftlab.merge(m)`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -145,11 +146,21 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool 
     return NF4Tensor(packed, absmax, None, None, tuple(weight.shape), block_size, weight.dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the two code values a packed byte stands for (high nibble, low nibble)."""
+    code = nf4_code().to(device)  # (16,)
+    byte = torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 0x0F]], dim=1)
+
+
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight back, shape ``q.shape``, in ``dtype`` (default ``q.dtype``)."""
-    idx = torch.stack([q.packed >> 4, q.packed & 0x0F], dim=1).view(-1).long()  # (n/2, 2) -> (n,)
-    code = nf4_code().to(q.packed.device)  # (16,)
-    values = code[idx].view(-1, q.block_size) * _absmax_of(q)[:, None]  # (nb, block) float32
+    """The weight back, shape ``q.shape``, in ``dtype`` (default ``q.dtype``).
+
+    One table look-up per byte (both of its 4-bit codes at once), then one scale per block.
+    """
+    pairs = torch.index_select(_byte_table(q.packed.device), 0, q.packed.int())  # (n/2, 2) code values
+    values = pairs.view(-1, q.block_size) * _absmax_of(q)[:, None]  # (nb, block) float32
     return values.view(q.shape).to(q.dtype if dtype is None else dtype)
 
 

@@ -91,7 +91,7 @@ def test_same_outputs_counts_and_merge_as_peft(kind, rslora):
     mags = [k for k in theirs if "magnitude" in k]
     assert mags and all(k.endswith(".lora_magnitude_vector") for k in mags)  # peft's file key: no ".weight"
     expected = out(pm, x)
-    assert (expected - ref).abs().max() > 1e-3
+    assert (expected - ref).abs().max() > 1e-4
     assert (out(model, x) - expected).abs().max() <= 1e-5
     assert count_parameters(model).trainable == pm.get_nb_trainable_parameters()[0]
     assert (out(unload(model), x) - out(pm.merge_and_unload(), x)).abs().max() <= 1e-5
@@ -184,7 +184,7 @@ def test_peft_loads_peftlab_dora(tmp_path, kind, mts):
         loaded = peft.PeftModel.from_pretrained(clone(base), tmp_path / "a").eval()
     assert not [w for w in caught if "Unexpected keyword" in str(w.message) or "missing" in str(w.message).lower()]
     assert (out(loaded, x) - out(model, x)).abs().max() <= 1e-5
-    assert (out(model, x) - out(base, x)).abs().max() > 1e-3
+    assert (out(model, x) - out(base, x)).abs().max() > 1e-4
     fresh = load_adapter(clone(base), tmp_path / "a")  # and our own round trip is exact
     assert fresh.peftlab_configs["default"].use_dora
     assert torch.equal(out(fresh, x), out(model, x))
@@ -198,7 +198,7 @@ def test_peftlab_loads_peft_dora(tmp_path, kind):
     model = load_adapter(clone(base), tmp_path / "p")
     assert model.peftlab_configs["default"].use_dora
     expected = out(pm, x)
-    assert (expected - out(base, x)).abs().max() > 1e-3
+    assert (expected - out(base, x)).abs().max() > 1e-4
     assert (out(model, x) - expected).abs().max() <= 1e-5
 
 
@@ -272,3 +272,19 @@ def test_dora_cannot_be_added_while_merged():
     with pytest.raises(RuntimeError, match="unmerge"):
         layer.add_adapter("d", r=2, alpha=4, use_dora=True)
     assert layer.adapter_names == ["plain"] and not layer.lora_magnitude_vector
+
+
+def test_plain_peft_file_marked_dora_is_refused(tmp_path):
+    """use_dora=true over a plain LoRA file (no magnitudes): refused, naming the missing keys."""
+    base = tiny("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(clone(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    pm.save_pretrained(tmp_path / "p")
+    meta_path = tmp_path / "p" / "adapter_config.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "use_dora": True}))
+    target = clone(base)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="missing keys.*lora_magnitude_vector"):
+        load_adapter(target, tmp_path / "p")
+    assert_unchanged(target, before)

@@ -189,11 +189,11 @@ def test_exclude_modules_that_excludes_everything_is_refused(tmp_path):
     assert_unchanged(target, before)
 
 
-@pytest.mark.parametrize("key, value", [("use_dora", True), ("layer_replication", [[0, 2], [1, 2]]),
+@pytest.mark.parametrize("key, value", [("layer_replication", [[0, 2], [1, 2]]),
                                         ("rank_pattern", {"query": 2}), ("use_qalora", True),
                                         ("alora_invocation_tokens", [5, 6]), ("target_parameters", ["x.weight"])])
 def test_peft_features_peftlab_does_not_compute_are_refused(tmp_path, key, value):
-    """A file that needs DoRA, layer replication, per-module ranks ... would load as plain LoRA and
+    """A file that needs layer replication, per-module ranks ... would load as plain LoRA and
     compute something else: refused, naming the key, and the model is left as it was."""
     base = tiny("bert")
     d = _peft_adapter(tmp_path, base)

@@ -114,8 +114,8 @@ def test_unknown_config_and_method_are_refused_by_name():
 
     with pytest.raises(TypeError, match="Nope.*supported configs are LoRAConfig"):
         inject(_bert(), Nope())
-    with pytest.raises(KeyError, match="no peftlab method 'ia3'"):
-        registry.hooks_for_method("ia3")
+    with pytest.raises(KeyError, match="no peftlab method 'vera'"):
+        registry.hooks_for_method("vera")
     bad = registry.MethodHooks(method="lora", config=ScaleConfig, inject=_toy_inject, mark_trainable=print,
                                delete=print, save=_toy_save, load=_toy_load, owns=bool)
     with pytest.raises(ValueError, match="ScaleConfig.method is 'test-scale'"):

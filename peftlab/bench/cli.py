@@ -4,8 +4,9 @@
   (``peftlab.bench.lora``, explained in notebooks/03_lora.ipynb);
 * ``speed [--rounds 2] [--quick] [--json PATH]``: the training loop against HF Trainer + peft
   (``peftlab.bench.speed``, notebooks/06_training.ipynb);
-* ``e2e [--seeds 0,1] [--quick] [--json PATH]``: prefix-tuning and LoRA on SmolLM2 / E2E at one
-  budget, scored by BLEU (``peftlab.bench.e2e``, notebooks/04_prefix_tuning.ipynb);
+* ``e2e [--seeds 0,1] [--methods prefix,lora] [--quick] [--json PATH]``: prefix-tuning, LoRA and
+  QLoRA (``qlora``: LoRA over the NF4 base) on SmolLM2 / E2E at one budget, scored by BLEU, with
+  training time and peak memory (``peftlab.bench.e2e``, notebooks/04_prefix_tuning.ipynb);
 * ``_mem KIND``: internal, the fresh process in which ``lora`` measures one configuration's
   CPU memory.
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="speed: rounds of the A B / B A order")
     parser.add_argument("--quick", action="store_true", help="speed, e2e: a small subset (a smoke test)")
     parser.add_argument("--seeds", default="0,1", help="e2e: comma-separated seeds, e.g. 0,1")
+    parser.add_argument("--methods", default="prefix,lora", help="e2e: comma-separated, from prefix, lora, qlora")
     parser.add_argument("kind", nargs="?", default="lora", help=argparse.SUPPRESS)  # for the _mem child
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (meant for CUDA)")
@@ -60,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
             seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
         except ValueError:
             parser.error(f"--seeds must be comma-separated integers such as 0,1; got {args.seeds!r}")
-        result = bench_e2e(seeds=seeds, quick=args.quick)
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        try:
+            result = bench_e2e(seeds=seeds, methods=methods, quick=args.quick)
+        except ValueError as err:
+            parser.error(str(err))
         table = format_e2e(result)
         print(table)
-        out = args.json or (None if args.quick else default_path())
+        reference_run = methods == ("prefix", "lora") and not args.quick  # what notebook 04 reads
+        out = args.json or (default_path() if reference_run else None)
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2))

@@ -33,6 +33,8 @@ PREFIX_INIT = "text:Write one sentence describing the restaurant."
 E2E_METHODS = {
     "prefix": ("prefix-tuning, 10 virtual tokens, MLP 128, text init", 5e-3),
     "lora": ("LoRA r=8, alpha=16 on q_proj and v_proj", 2e-3),
+    # QLoRA (Dettmers et al. 2023): the same LoRA on a base whose linear layers are NF4 4-bit
+    "qlora": ("QLoRA: the same LoRA over the NF4 4-bit base", 2e-3),
 }
 BUDGET = {"steps": 100, "batch": 8, "tables": 60, "new_tokens": 40, "warmup": 0.1}
 QUICK_BUDGET = {"steps": 2, "batch": 2, "tables": 4, "new_tokens": 8, "warmup": 0.1}
@@ -43,7 +45,7 @@ def _config(method: str):
 
     if method == "prefix":
         return PrefixConfig(num_virtual_tokens=10, projection=True, projection_hidden=128, init=PREFIX_INIT)
-    if method == "lora":
+    if method in ("lora", "qlora"):
         return LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
     raise ValueError(f"unknown E2E method {method!r}: choose from {sorted(E2E_METHODS)}")
 
@@ -63,14 +65,17 @@ def _score(model, tokenizer, test, budget: dict) -> dict:
 
 def run_one(method: str, seed: int, budget: dict) -> dict:
     """Train ``method`` (or score the base model, ``method="base"``) in this process."""
+    import gc
+
     import peftlab
-    from peftlab import data
+    from peftlab import data, metrics
     from peftlab.inject import count_parameters, inject, merge
     from peftlab.train import TrainConfig, train
 
     peftlab.runtime.use_physical_cores()
     peftlab.seed_everything(seed)
-    model, tok = peftlab.load_model("smollm2", task="causal-lm")
+    rss_start = metrics.current_rss_bytes()  # the runtime alone: torch, transformers, no model yet
+    model, tok = peftlab.load_model("smollm2", task="causal-lm", quantize="nf4" if method == "qlora" else None)
     e2e = peftlab.load_e2e(seed=seed)
     if method == "base":
         return {"method": "base", "seed": seed, **_score(model, tok, e2e["test"], budget)}
@@ -80,10 +85,17 @@ def run_one(method: str, seed: int, budget: dict) -> dict:
     pairs = data.tokenize_e2e(e2e["train"].shuffle(seed=seed).select(range(n)), tok)
     config = TrainConfig(lr=E2E_METHODS[method][1], batch_size=budget["batch"], max_steps=budget["steps"],
                          warmup=budget["warmup"], metric="loss", seed=seed, progress=False)
+    gc.collect()
+    metrics.trim_heap()  # freed fp32 weights (QLoRA's quantization) go back to the OS before the peak is reset
+    peak_reset = metrics.reset_peak_rss()  # from here the peak is the training's own
     result = train(model, pairs, config=config)
+    train_peak = metrics.peak_rss_bytes() - rss_start if peak_reset else None
     model.eval()
-    merge(model)  # LoRA folds into the weights; the prefix MLP folds into a flat prefix
+    if method != "qlora":  # a 4-bit base keeps LoRA beside it (merging would round the update away)
+        merge(model)  # LoRA folds into the weights; the prefix MLP folds into a flat prefix
     return {"method": method, "seed": seed, "trainable": trainable, "lr": config.lr, "steps": result.steps,
+            "train_peak_mb": None if train_peak is None else train_peak / 1e6,
+            "step_s": result.train_seconds / max(result.steps, 1),
             "pairs": n, "train_pairs_total": len(e2e["train"]), "train_s": result.train_seconds,
             "loss_first": result.history[0]["loss"], "loss_last": result.history[-1]["loss"],
             **_score(model, tok, e2e["test"], budget)}
@@ -124,8 +136,10 @@ def bench_e2e(seeds: tuple[int, ...] = (0, 1), methods: tuple[str, ...] = tuple(
                            "trainable": rs[0]["trainable"], "bleu_mean": statistics.fmean(bleus),
                            "bleu_spread": max(bleus) - min(bleus), "bleu": bleus,
                            "rouge_l_mean": statistics.fmean(r["rouge_l"] for r in rs),
-                           "train_s_mean": statistics.fmean(r["train_s"] for r in rs)}
-    return {"settings": {**budget, "seeds": list(seeds), "quick": quick, "model": "SmolLM2-135M-Instruct (fp32)"},
+                           "train_s_mean": statistics.fmean(r["train_s"] for r in rs),
+                           "train_peak_mb": max((r.get("train_peak_mb") or 0.0) for r in rs) or None}
+    return {"settings": {**budget, "seeds": list(seeds), "quick": quick, "model": "SmolLM2-135M-Instruct (fp32; qlora: NF4 linear layers)",
+                         "peak_mb": "process peak RSS during training minus the RSS before the model was loaded"},
             "base": base, "runs": runs, "summary": summary, "wall_s": time.perf_counter() - start}
 
 
@@ -133,14 +147,21 @@ def format_e2e(result: dict) -> str:
     s = result["settings"]
     lines = [f"E2E NLG on SmolLM2-135M: {s['steps']} steps x {s['batch']} pairs per method and seed, "
              f"BLEU / ROUGE-L on {s['tables']} held-out test tables (seeds {s['seeds']})", "",
-             "| method | trainable | lr | BLEU per seed | BLEU mean | spread | ROUGE-L | train s |",
-             "|---|---|---|---|---|---|---|---|",
+             "| method | trainable | lr | BLEU per seed | BLEU mean | spread | ROUGE-L | train s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|",
              f"| base model (no training) | 0 | - | {result['base']['bleu']:.1f} | {result['base']['bleu']:.1f} | - "
-             f"| {result['base']['rouge_l']:.3f} | - |"]
+             f"| {result['base']['rouge_l']:.3f} | - | - |"]
     for m in result["summary"].values():
         per_seed = " / ".join(f"{b:.1f}" for b in m["bleu"])
+        peak = f"{m['train_peak_mb']:.0f}" if m.get("train_peak_mb") else "-"
         lines.append(f"| {m['label']} | {m['trainable']:,} | {m['lr']:g} | {per_seed} | {m['bleu_mean']:.1f} "
-                     f"| {m['bleu_spread']:.1f} | {m['rouge_l_mean']:.3f} | {m['train_s_mean']:.0f} |")
+                     f"| {m['bleu_spread']:.1f} | {m['rouge_l_mean']:.3f} | {m['train_s_mean']:.0f} | {peak} |")
+    summary = result["summary"]
+    if "lora" in summary and "qlora" in summary and summary["lora"].get("train_peak_mb"):
+        lo, q = summary["lora"], summary["qlora"]
+        lines += ["", f"QLoRA / LoRA, measured side by side in this run: peak training memory above the runtime "
+                      f"{q['train_peak_mb'] / lo['train_peak_mb']:.2f}x, training time "
+                      f"{q['train_s_mean'] / lo['train_s_mean']:.2f}x, BLEU {q['bleu_mean'] - lo['bleu_mean']:+.1f}"]
     lines += ["", f"whole run {result['wall_s'] / 60:.1f} min; settings: {s}"]
     return "\n".join(lines)
 
