@@ -70,6 +70,21 @@ def _crash(exc: BaseException) -> str:
     return f"it raised {type(exc).__name__}: {exc} (line {last.lineno})"
 
 
+def _run_answer(fn: Callable, *args, where: str = "") -> tuple[object, Verdict | None]:
+    """Call the student's ``fn(*args)``: ``(result, None)``, or ``(None, verdict)`` -- "not answered yet"
+    when it returns None or raises ``NotImplementedError``, "wrong" with the failing line for any other
+    error (``where`` says for which case)."""
+    try:
+        got = fn(*args)
+    except Exception as exc:  # the student's code: any error is a finding, not a crash of the checker
+        if _unwritten(exc):
+            return None, Verdict(False, PENDING_CODE, pending=True)
+        return None, Verdict(False, (f"{where}: " if where else "") + _crash(exc))
+    if got is None:
+        return None, Verdict(False, PENDING_CODE, pending=True)
+    return got, None
+
+
 # -- a LoRA forward in the paper's convention ---------------------------------------------------
 def check_lora_forward(fn: Callable, quiet: bool = False) -> Verdict:
     """``fn(x, W, b, A, B, alpha)`` must return the LoRA layer's output
@@ -377,14 +392,9 @@ def _count(module: nn.Module) -> int:
 
 def _call_counter(fn: Callable, config) -> tuple[int | None, Verdict | None]:
     """Run the student's counter; (answer, None) or (None, the verdict to report)."""
-    try:
-        got = fn(config)
-    except Exception as exc:
-        if _unwritten(exc):
-            return None, Verdict(False, PENDING_CODE, pending=True)
-        return None, Verdict(False, _crash(exc))
-    if got is None:
-        return None, Verdict(False, PENDING_CODE, pending=True)
+    got, problem = _run_answer(fn, config)
+    if problem is not None:
+        return None, problem
     if isinstance(got, bool) or not isinstance(got, int) and not (isinstance(got, float) and got == int(got)):
         return None, Verdict(False, f"return a whole number of parameters, got {got!r}")
     return int(got), None
@@ -455,14 +465,9 @@ def check_state_bytes(fn: Callable, quiet: bool = False) -> Verdict:
     after one step (weights, gradients, moments) with every layer, some layers and one layer trainable."""
     for width, layers in ((6, 4), (9, 1), (5, 3)):  # all, a quarter, three quarters trainable
         held, n, k = _held_bytes(width, layers)
-        try:
-            got = fn(n, k)
-        except Exception as exc:
-            if _unwritten(exc):
-                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
-            return _report(Verdict(False, _crash(exc)), quiet)
-        if got is None:
-            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        got, problem = _run_answer(fn, n, k)
+        if problem is not None:
+            return _report(problem, quiet)
         if got == held:
             continue
         known = {16 * n: "frozen parameters get no gradient and no Adam moments",
@@ -487,14 +492,9 @@ def check_svd_factors(fn: Callable, quiet: bool = False) -> Verdict:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         best = (U[:, :r] * S[:r]) @ Vh[:r]
         where = f"for a {m} x {n} matrix and r = {r}"
-        try:
-            got = fn(W.clone(), r)
-        except Exception as exc:
-            if _unwritten(exc):
-                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
-            return _report(Verdict(False, f"{where}: " + _crash(exc)), quiet)
-        if got is None:
-            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        got, problem = _run_answer(fn, W.clone(), r, where=where)
+        if problem is not None:
+            return _report(problem, quiet)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             return _report(Verdict(False, f"return the pair (B, A), got {type(got).__name__}"), quiet)
         B, A = got
@@ -528,14 +528,9 @@ def check_adapter(make: Callable, quiet: bool = False) -> Verdict:
     whose forward is h + up(relu(down(h))), equal to h at initialisation and able to learn from the first step."""
     for d, b in ((12, 3), (7, 2), (384, 16)):
         torch.manual_seed(d + b)
-        try:
-            adapter = make(d, b)
-        except Exception as exc:
-            if _unwritten(exc):
-                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
-            return _report(Verdict(False, f"make({d}, {b}): " + _crash(exc)), quiet)
-        if adapter is None:
-            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        adapter, problem = _run_answer(make, d, b, where=f"make({d}, {b})")
+        if problem is not None:
+            return _report(problem, quiet)
         down, up = getattr(adapter, "down", None), getattr(adapter, "up", None)
         if not isinstance(down, nn.Linear) or not isinstance(up, nn.Linear):
             return _report(Verdict(False, "the module needs two nn.Linear attributes, down and up"), quiet)
@@ -655,14 +650,9 @@ def check_lora_count(fn: Callable, quiet: bool = False) -> Verdict:
         injected = inject(copy.deepcopy(model), LoRAConfig(r=r, alpha=2 * r, target_modules=targets))
         want = count_parameters(injected).by_kind["lora"]
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        try:
-            got = fn(model, r, targets)
-        except Exception as exc:
-            if _unwritten(exc):
-                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
-            return _report(Verdict(False, f"{type(model).__name__}, r = {r}, {targets}: " + _crash(exc)), quiet)
-        if got is None:
-            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        got, problem = _run_answer(fn, model, r, targets, where=f"{type(model).__name__}, r = {r}, {targets}")
+        if problem is not None:
+            return _report(problem, quiet)
         if set(model.state_dict()) != set(before):
             return _report(Verdict(False, "count, do not change the model: it has new parameters now"), quiet)
         if got != want:
@@ -706,14 +696,9 @@ def check_prefix_count(fn: Callable, quiet: bool = False) -> Verdict:
                        head_dim=64, intermediate_size=1536)
     cases.append((smol, 10, 2 * 30 * 10 * 3 * 64))  # keys and values, layers, tokens, key/value heads, width
     for config, m, want in cases:
-        try:
-            got = fn(copy.deepcopy(config), m)
-        except Exception as exc:
-            if _unwritten(exc):
-                return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
-            return _report(Verdict(False, _crash(exc)), quiet)
-        if got is None:
-            return _report(Verdict(False, PENDING_CODE, pending=True), quiet)
+        got, problem = _run_answer(fn, copy.deepcopy(config), m)
+        if problem is not None:
+            return _report(problem, quiet)
         if got == want:
             continue
         L, H, K = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads

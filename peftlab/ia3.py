@@ -47,7 +47,8 @@ from torch import nn
 
 from .config import AdapterConfigBase
 from .inject import ExplainReport, ExplainRow, inject
-from .io import CONFIG_NAME, FORMAT_VERSION, PEFT_PREFIX as PREFIX, fmt_list, read_adapter_config
+from .io import (CONFIG_NAME, FORMAT_VERSION, PEFT_PREFIX as PREFIX, fmt_list, peft_task_type,
+                 read_adapter_config)
 from .lora import Conv1D, linear_shape
 from .registry import MethodHooks, configs
 from .targets import HEAD_NAMES, base_parameters, linear_suffixes, replace_module, walk
@@ -401,15 +402,6 @@ def _state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _task_type(model: nn.Module, config: IA3Config) -> str | None:
-    cls = type(model).__name__
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return "CAUSAL_LM"
-    # peft adds "classifier"/"score" to modules_to_save for SEQ_CLS, so claim it only when the head is saved
-    if cls.endswith("ForSequenceClassification") and {"classifier", "score"} & set(config.modules_to_save):
-        return "SEQ_CLS"
-    return None
-
 
 def _save(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     config = configs(model)[name]
@@ -417,7 +409,7 @@ def _save(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     as_json = (lambda v: v if isinstance(v, str) else sorted(v))  # noqa: E731
     meta = {
         "peft_type": "IA3",
-        "task_type": _task_type(model, config),
+        "task_type": peft_task_type(model, config.modules_to_save),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
         "target_modules": as_json(targets),
         "feedforward_modules": as_json(ff),

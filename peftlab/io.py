@@ -33,7 +33,7 @@ from .wrappers import SAVES_PREFIX
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_adapter_json", "read_adapter_config",
            "tensor_problem",
-           "fmt_list", "CONFIG_NAME", "WEIGHTS_NAME", "PEFTLAB_NAME", "PEFT_PREFIX", "FORMAT_VERSION"]
+           "fmt_list", "peft_task_type", "CONFIG_NAME", "WEIGHTS_NAME", "PEFTLAB_NAME", "PEFT_PREFIX", "FORMAT_VERSION"]
 
 CONFIG_NAME = "adapter_config.json"
 # peftlab's own record of an adapter (format version, name, full config, shapes) lives beside
@@ -151,6 +151,20 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     # version's save completed, its ".old-" folder may have been the only copy of the adapter)
     atomic.remove_stale(target.parent, tuple(f".{target.name}{t}" for t in (atomic.TMP_MARK, *_LEGACY_TMP)))
     return target
+
+
+def peft_task_type(model: nn.Module, modules_to_save) -> str | None:
+    """The ``task_type`` a peft ``adapter_config.json`` should carry for ``model`` (None: none claimed).
+
+    peft adds "classifier"/"score" to modules_to_save for SEQ_CLS and then expects their tensors,
+    so SEQ_CLS is claimed only when the head is really saved.
+    """
+    cls = type(model).__name__
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if cls.endswith("ForSequenceClassification") and {"classifier", "score"} & set(modules_to_save):
+        return "SEQ_CLS"
+    return None
 
 
 def fmt_list(items: list[str], limit: int = 5) -> str:

@@ -31,7 +31,8 @@ from torch import nn
 
 from .config import LoRAConfig
 from .inject import inject
-from .io import CONFIG_NAME, FORMAT_VERSION, PEFT_PREFIX as PREFIX, fmt_list as _fmt, read_adapter_config
+from .io import (CONFIG_NAME, FORMAT_VERSION, PEFT_PREFIX as PREFIX, fmt_list as _fmt, peft_task_type,
+                 read_adapter_config)
 from .lora import LoRALinear, linear_shape
 from .lora_inject import delete_lora, explain_lora, inject_lora, mark_lora_trainable, merge_lora, owns_lora, unload_lora
 from .registry import MethodHooks, configs
@@ -74,16 +75,6 @@ def lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _task_type(model: nn.Module, config: LoRAConfig) -> str | None:
-    cls = type(model).__name__
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return "CAUSAL_LM"
-    # peft adds "classifier"/"score" to modules_to_save for SEQ_CLS and then expects their tensors,
-    # so only claim SEQ_CLS when the head is really saved
-    if cls.endswith("ForSequenceClassification") and {"classifier", "score"} & set(config.modules_to_save):
-        return "SEQ_CLS"
-    return None
-
 
 def _peft_config(model: nn.Module, config: LoRAConfig, name: str) -> dict:
     lora_layers = [(p, m) for p, m in walk(model) if isinstance(m, LoRALinear) and name in m.lora_A]
@@ -92,7 +83,7 @@ def _peft_config(model: nn.Module, config: LoRAConfig, name: str) -> dict:
         targets = [p for p, _ in lora_layers]
     return {
         "peft_type": "LORA",
-        "task_type": _task_type(model, config),
+        "task_type": peft_task_type(model, config.modules_to_save),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
         "r": config.r,
         "lora_alpha": config.alpha,
