@@ -101,7 +101,7 @@ def _train(args, parser) -> dict:
     import peftlab
     from peftlab import metrics, runtime
     from peftlab.data import stratified_subset, tokenize_classification
-    from peftlab.methods import LEARNING_RATES, MethodHParams, prepare, save_trained
+    from peftlab.methods import LEARNING_RATES, TRAIN_OPTIONS, MethodHParams, prepare, save_trained
     from peftlab.train import TrainConfig, train
 
     warmup = int(args.warmup) if args.warmup >= 1 else float(args.warmup)
@@ -112,7 +112,7 @@ def _train(args, parser) -> dict:
                          grad_accum=args.grad_accum, precision=args.precision, seed=args.seed,
                          output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
                          log_tensorboard=args.tensorboard, progress=not args.no_progress,
-                         device=device)
+                         device=device, **TRAIN_OPTIONS.get(args.method, {}))
     runtime.seed_everything(args.seed)
     ds = peftlab.load_sentiment(args.data, seed=args.seed)
     if args.train_size:

@@ -42,7 +42,8 @@ __all__ = ["BenchSettings", "run_bench", "format_markdown", "reference", "LABELS
 LABELS = {
     "head": "head only (frozen body)", "full": "full fine-tuning", "peft-lora": "HF peft LoRA",
     "lora": "peftlab LoRA", "prefix": "prefix-tuning", "prompt": "prompt tuning",
-    "houlsby": "Houlsby adapters", "pfeiffer": "Pfeiffer adapters",
+    "houlsby": "Houlsby adapters", "pfeiffer": "Pfeiffer adapters", "dora": "DoRA",
+    "lora-plus": "LoRA+ (B at 4x lr)", "qlora": "QLoRA (NF4 body)", "ia3": "IA³",
 }
 WARMUP = 0.06  # share of the steps
 
@@ -117,7 +118,7 @@ def measure(method: str, s: BenchSettings, seed: int) -> dict:
     import peftlab
     from peftlab import metrics
     from peftlab.data import PadCollator, tokenize_classification
-    from peftlab.methods import MethodHParams, MethodUnavailable, prepare, save_trained
+    from peftlab.methods import TRAIN_OPTIONS, MethodHParams, MethodUnavailable, prepare, save_trained
     from peftlab.train import TrainConfig, train
 
     train_ds, test_ds = _setup(s, seed)
@@ -151,7 +152,7 @@ def measure(method: str, s: BenchSettings, seed: int) -> dict:
         gpu0 = torch.cuda.memory_allocated(device)
     cfg = TrainConfig(lr=s.lr[method], batch_size=s.batch_size, epochs=s.epochs, max_steps=s.max_steps,
                       warmup=WARMUP, schedule="linear", seed=seed, progress=False,
-                      precision="bf16" if s.bf16 else "fp32")
+                      precision="bf16" if s.bf16 else "fp32", **TRAIN_OPTIONS.get(method, {}))
     result = train(model, train_tok, None, cfg)
     memory = (torch.cuda.max_memory_allocated(device) - gpu0 if device.type == "cuda"
               else metrics.peak_rss_bytes() - rss0)
