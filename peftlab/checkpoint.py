@@ -20,7 +20,7 @@ at any point leaves ``latest`` naming a complete checkpoint; the one case left, 
 between the renames of a re-save, is reported on resume (the save ids differ) instead of
 resuming from a mix. Loading checks every file, key, shape, dtype and value before anything
 is copied into the model, the optimizer or the RNGs. Explained in
-``notebooks/06_training.ipynb`` ("Checkpoints and resuming").
+``notebooks/07_training.ipynb`` ("Checkpoints and resuming").
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 test split and writes ``<output-dir>/adapter/`` (what to keep), ``metrics.json`` and, with
 ``--checkpoint-every``, resumable checkpoints. ``bench`` hands over to the ``peftlab.bench``
 package (``peftlab.bench.table``, ``peftlab.bench.cli``). Explained in
-``notebooks/06_training.ipynb``.
+``notebooks/07_training.ipynb``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
   split so that no table (meaning representation) appears in two splits.
 
 Used from ``notebooks/00_setup_check.ipynb`` on; the collators are explained in
-``notebooks/06_training.ipynb``.
+``notebooks/07_training.ipynb``.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     half padding). The order depends only on ``seed`` and the epoch (``set_epoch``), so a
     resumed run sees the same batches. Without ``shuffle`` (evaluation): all examples sorted
     by length, longest first, in fixed batches. HF ``Trainer``'s ``group_by_length`` does the
-    same. Explained in ``notebooks/06_training.ipynb``, section "Batching by length".
+    same. Explained in ``notebooks/07_training.ipynb``, section "Batching by length".
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True,

@@ -18,7 +18,8 @@ from torch import nn
 
 __all__ = ["check_lora_forward", "check_replace_linears", "check_schedule", "check_prompt_mask", "check_value",
            "check_merge", "check_attention_share", "check_gpt2_count", "check_state_bytes", "check_svd_factors",
-           "check_adapter", "check_heatmap", "check_lora_count", "check_prefix_count", "Verdict"]
+           "check_adapter", "check_heatmap", "check_lora_count", "check_prefix_count", "check_nf4_quantize",
+           "check_dora_weight", "Verdict"]
 
 
 class Verdict:
@@ -300,6 +301,12 @@ def _answers() -> dict[str, tuple[float, float, str]]:
         "minilm-houlsby-b16-macs-per-token": (2 * 6 * (2 * 16 * 384), 0.0,
                                               "two adapters in each of 6 layers, two b x d products each"),
         "merged-lora-macs-per-token": (0, 0.0, "after merging, what is left of the branch?"),
+        "nf4-bits-block128-double-quant": (4 + 8 / 128 + 32 / (128 * 256), 1e-4,
+                                           "4 bits per code, plus each block's int8 absmax shared by 128 weights, "
+                                           "plus one fp32 scale per 256 absmax values"),
+        "smollm2-ia3-default-params": (30 * (3 * 64 + 3 * 64 + 1536), 0.0,
+                                       "keys and values are num_key_value_heads x head_dim wide; down_proj is "
+                                       "scaled on its input"),
         "adamw-decay-left": ((1 - 1e-3 * 0.1) ** 1000, 1e-3,
                              "AdamW multiplies each weight by (1 - lr * weight_decay) once per step"),
         "prefix-gate-one-slot-ln3": (3 / (3 + 2), 1e-3, "the gate is Z_P / (Z_P + Z_K), and Z_K adds up the "
@@ -716,3 +723,102 @@ def check_prefix_count(fn: Callable, quiet: bool = False) -> Verdict:
                                       f"{got:,} is {'too small' if got < want else 'too large'}; {hint}"), quiet)
     return _report(Verdict(True, "equals what peftlab.inject creates, with and without grouped-query attention, "
                                  "and SmolLM2's count"), quiet)
+
+
+# -- NF4: block-wise absmax and the nearest code value (notebook 06) -----------------------------------
+def check_nf4_quantize(fn: Callable, quiet: bool = False) -> Verdict:
+    """``fn(w, code, block_size)`` must return ``(idx, absmax)`` for a 1-D float weight ``w`` (n,), n a multiple of
+    ``block_size``, and the 16 sorted NF4 values ``code``: ``absmax`` (n / block_size,) the largest |w| of each block,
+    ``idx`` (n,) integer, the index of the code value nearest to w / absmax of its block (an all-zero block: the
+    index of 0). Compared with ``peftlab.quant.quantize_nf4`` (no double quantization) on weights with outliers."""
+    from .quant import nf4_code, quantize_nf4
+
+    code = nf4_code()
+    g = torch.Generator().manual_seed(4)
+    for n, block in ((64, 64), (256, 64), (96, 32), (128, 16)):
+        w = torch.randn(n, generator=g) * 0.02
+        w[n // 3] = 0.5  # an outlier: with one scale for the whole tensor it flattens every other block
+        if n >= 2 * block:
+            w[-block:] = 0.0  # an all-zero block
+        ref = quantize_nf4(w, block_size=block, double_quant=False)
+        want_idx = torch.stack([ref.packed >> 4, ref.packed & 0x0F], dim=1).reshape(-1).long()  # (n,)
+        where = f"for n = {n}, block_size = {block}"
+        got, problem = _run_answer(fn, w.clone(), code.clone(), block, where=where)
+        if problem is not None:
+            return _report(problem, quiet)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            return _report(Verdict(False, f"return the pair (idx, absmax), got {type(got).__name__}"), quiet)
+        idx, absmax = got
+        for name, tensor, shape in (("idx", idx, (n,)), ("absmax", absmax, (n // block,))):
+            problem = _tensor_verdict(tensor, shape, f"{where}, {name} must be")
+            if problem is not None:
+                return _report(problem, quiet)
+        if idx.is_floating_point():
+            return _report(Verdict(False, "idx must hold integer code indices (0..15), not the code values"), quiet)
+        if not torch.allclose(absmax.float(), ref.absmax, rtol=1e-6, atol=0):
+            if torch.allclose(absmax.float(), torch.full_like(ref.absmax, float(w.abs().max()))):
+                msg = "every block got the same scale: take the absolute maximum of each block on its own"
+            elif torch.allclose(absmax.float(), w.view(-1, block).amax(1)):
+                msg = "absmax is the largest |w|, not the largest w (a block's extreme can be negative)"
+            else:
+                msg = "absmax must be each block's largest |w|, blocks of block_size consecutive values"
+            return _report(Verdict(False, f"{where}: {msg}"), quiet)
+        wrong = idx.long() != want_idx
+        if wrong.any():
+            x = w.view(-1, block) / torch.where(ref.absmax == 0, 1.0, ref.absmax)[:, None]
+            gap = (x.reshape(-1)[:, None] - code).abs()  # (n, 16) distance to every code value
+            two = gap.sort(dim=1).values
+            tie = (two[:, 1] - two[:, 0]) < 1e-6  # equally near two code values: either index is right
+            if (wrong & ~tie).any():
+                k = int((wrong & ~tie).nonzero()[0])
+                if idx.min() < 0 or idx.max() > 15:
+                    msg = "indices must lie in 0..15 (positions in the code book)"
+                else:
+                    msg = (f"element {k}: w / absmax = {float(x.reshape(-1)[k]):.4f} is nearest to code value "
+                           f"{float(code[want_idx[k]]):.4f}, not {float(code[idx[k].clamp(0, 15)]):.4f}: pick the "
+                           "nearest of the 16 NF4 values (they are not evenly spaced)")
+                return _report(Verdict(False, f"{where}, {msg}"), quiet)
+    return _report(Verdict(True, "same indices and block scales as peftlab.quant.quantize_nf4"), quiet)
+
+
+# -- DoRA's adapted weight (notebook 06) ---------------------------------------------------------------
+def check_dora_weight(fn: Callable, quiet: bool = False) -> Verdict:
+    """``fn(W, A, B, m, scale)`` must return DoRA's adapted weight W' = m * V / ||V||, V = W + scale * B A, the
+    norm of each output row (over the inputs), for W (out, in), A (r, in), B (out, r), m (out,): compared with
+    ``peftlab.lora.LoRALinear.dora_weight`` on non-square layers."""
+    from .lora import LoRALinear
+
+    for d_in, d_out, r, alpha in ((6, 4, 2, 4.0), (5, 9, 1, 16.0), (8, 8, 4, 4.0)):
+        torch.manual_seed(d_in * 10 + r)
+        layer = LoRALinear(nn.Linear(d_in, d_out))
+        layer.add_adapter("default", r=r, alpha=alpha, use_dora=True)
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_()
+            layer.lora_magnitude_vector["default"].weight.mul_(torch.rand(d_out) + 0.5)
+        W = layer.base_layer.weight.detach().clone()
+        A, B = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+        m = layer.lora_magnitude_vector["default"].weight.detach().clone()
+        s = float(layer.scaling["default"])
+        where = f"for a {d_in} -> {d_out} layer, r = {r}"
+        got, problem = _run_answer(fn, W.clone(), A, B, m.clone(), s, where=where)
+        if problem is not None:
+            return _report(problem, quiet)
+        problem = _tensor_verdict(got, W.shape, f"{where}, W' must keep W's shape")
+        if problem is not None:
+            return _report(problem, quiet)
+        want = layer.dora_weight("default")
+        if torch.allclose(got.float(), want, atol=1e-5):
+            continue
+        V = W + s * B @ A
+        slips = [(m[:, None] * V / V.norm(dim=0, keepdim=True), "the norm is per output row (over the inputs, "
+                                                                "dim=1): one length per output feature, like m"),
+                 (m[:, None] * V / W.norm(dim=1, keepdim=True), "divide by the norm of the adapted W + s B A, "
+                                                                "not of W"),
+                 (m[:, None] * (W + B @ A) / (W + B @ A).norm(dim=1, keepdim=True), "the update is scale * B A"),
+                 (V / V.norm(dim=1, keepdim=True), "the unit-length rows still need their magnitude m"),
+                 (m[:, None] * W / W.norm(dim=1, keepdim=True) + s * B @ A,
+                  "normalise the whole W + s B A, then scale it by m")]
+        hint = next((h for slip, h in slips if torch.allclose(got.float(), slip, atol=1e-5)),
+                    "W' = m * (W + s B A) / ||W + s B A||, the norm of each row")
+        return _report(Verdict(False, f"{where}: {hint}"), quiet)
+    return _report(Verdict(True, "equals peftlab's DoRA weight on three layer shapes"), quiet)

@@ -16,7 +16,7 @@ Two runs of one protocol, each returning a :class:`Forgetting`:
 
 Both change the model in place: the trained model is part of the result. Accuracies come from
 :func:`peftlab.metrics.evaluate_classifier`. Used in notebooks/01_motivation.ipynb (section 5)
-and notebooks/08_deployment.ipynb (catastrophic forgetting).
+and notebooks/09_deployment.ipynb (catastrophic forgetting).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ Files (``peftlab.save_adapter``): HF peft's, ``adapter_config.json`` (``peft_typ
 and ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.ia3_l`` and
 ``base_model.model.<module path>.<param>`` for the ``modules_to_save`` copies, so
 ``peft.PeftModel.from_pretrained`` reads what peftlab writes and ``peftlab.load_adapter``
-reads what peft writes. No notebook covers IA³ yet.
+reads what peft writes. Explained in notebooks/06_qlora_dora_ia3.ipynb.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every label of the training (and eval) set is checked against the model: class ids in
 [0, num_labels), token ids in [0, vocabulary) or -100 (ignored), finite numbers for
 regression. A bad label otherwise fails deep inside torch after some steps have already
-changed the weights. Explained in notebooks/06_training.ipynb.
+changed the weights. Explained in notebooks/07_training.ipynb.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def check_labels(model: nn.Module, data, where: str = "train_data") -> str | Non
     Regression and multi-label models only need finite numbers. A tokenised dataset's column is
     read directly; a DataLoader is iterated once (no model call) with every random state it
     draws from put back, so the run's data order and dropout masks are those of an unchecked run.
-    ``train`` (``notebooks/06_training.ipynb``) calls this before the first step, so a bad label
+    ``train`` (``notebooks/07_training.ipynb``) calls this before the first step, so a bad label
     in the last batch fails before any weight has changed.
     """
     from torch.utils.data import DataLoader

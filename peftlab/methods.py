@@ -1,6 +1,6 @@
 """One function that turns a base classifier into any of the course's fine-tuning setups.
 
-Used by notebooks 01 and 06, ``peftlab train`` (``peftlab.cli``), ``peftlab.search`` and the
+Used by notebooks 01 and 07, ``peftlab train`` (``peftlab.cli``), ``peftlab.search`` and the
 benchmark table (``peftlab.bench.table``), so the notebooks, the command line, the search and
 the table train exactly the same thing, each method at its own default learning rate
 (``LEARNING_RATES``). Methods:
@@ -19,7 +19,7 @@ the table train exactly the same thing, each method at its own default learning 
 
 A method whose module is not there yet raises ``MethodUnavailable`` (the bench then writes
 "not available yet" in its row instead of inventing numbers). Explained in
-``notebooks/06_training.ipynb``.
+``notebooks/07_training.ipynb``.
 """
 
 from __future__ import annotations

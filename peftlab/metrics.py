@@ -14,7 +14,7 @@
   ``PeakMemory`` (CUDA allocator peak on a GPU; sampled process RSS on the CPU; ``peak_rss_bytes``
   is the whole process lifetime's maximum, so comparisons run each case in its own process).
 
-Explained in ``notebooks/06_training.ipynb`` (and used by ``peftlab bench``).
+Explained in ``notebooks/07_training.ipynb`` (and used by ``peftlab bench``).
 """
 
 from __future__ import annotations

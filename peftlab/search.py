@@ -8,7 +8,7 @@ validation score to Optuna and lets a ``MedianPruner`` stop trials that fall beh
 of earlier ones at the same step. Returns the ``optuna.Study`` (``study.best_params``,
 ``study.trials_dataframe()``, ``optuna.visualization.matplotlib``).
 
-Explained (and the study plotted) in ``notebooks/06_training.ipynb``, section "Searching".
+Explained (and the study plotted) in ``notebooks/07_training.ipynb``, section "Searching".
 """
 
 from __future__ import annotations

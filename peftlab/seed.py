@@ -3,7 +3,7 @@
 Every function and class here reproduces one snippet of the post (cited by section) with its
 bugs left in on purpose: the wrong shapes, the missing freeze, the ``setattr`` with dotted
 names, the wrong concatenation axis, the pickled checkpoint. Do not use them for anything
-but the demonstrations in ``notebooks/09_seed_errata.ipynb``, which runs each one, shows the
+but the demonstrations in ``notebooks/10_seed_errata.ipynb``, which runs each one, shows the
 error or measures the symptom, and then shows what peftlab does instead. Names and layout
 are the course's own; behaviour is the post's.
 

@@ -1,7 +1,7 @@
 """A small, readable training loop for any peftlab (or plain transformers) model.
 
 ``train(model, train_data, eval_data, TrainConfig(...))`` implements the practice the course
-teaches in ``notebooks/06_training.ipynb``:
+teaches in ``notebooks/07_training.ipynb``:
 
 * AdamW (Loshchilov & Hutter, 2019) over the *trainable* parameters only, in two groups:
   weight decay on matrices, none on biases and normalisation weights; with

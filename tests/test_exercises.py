@@ -164,7 +164,7 @@ def test_value_checker_hides_the_formula_and_rejects_near_misses():
         exercises.check_value("nope", 1)
 
 
-# -- numeric exercises of notebooks 00-08: the right number passes, two typical slips fail --------------
+# -- numeric exercises of notebooks 00-09: the right number passes, two typical slips fail --------------
 D, F, L6 = 384, 1536, 6
 NUMERIC = {
     # key: (worked solution, [typical wrong answers])
@@ -182,6 +182,8 @@ NUMERIC = {
     "minilm-pfeiffer-b-matching-lora-r16": (31, [16, 15]),  # b = r; half of it
     "minilm-houlsby-b16-macs-per-token": (2 * 6 * 2 * 16 * 384, [6 * 2 * 16 * 384, 2 * 16 * 384]),
     "merged-lora-macs-per-token": (0, [2 * 8 * 384, 8 * 384]),
+    "nf4-bits-block128-double-quant": (4 + 8 / 128 + 32 / 128 / 256, [4 + 32 / 128, 4 + 8 / 64 + 32 / 64 / 256]),
+    "smollm2-ia3-default-params": (30 * (192 + 192 + 1536), [30 * (576 + 576 + 1536), 30 * (192 + 192 + 576)]),
 }
 
 
@@ -229,7 +231,7 @@ def test_an_unwritten_exercise_is_reported_as_not_answered_yet(capsys):
     assert printed and all(line.startswith("not answered yet:") for line in printed)
 
 
-# -- code exercises of notebooks 00, 02, 05, 07 and 08: solutions pass, typical slips fail with a hint ------
+# -- code exercises of notebooks 00, 02, 05, 08 and 09: solutions pass, typical slips fail with a hint ------
 def solution_gpt2_count(c):
     d, f, L = c.n_embd, c.n_inner or 4 * c.n_embd, c.n_layer
     embeddings = (c.vocab_size + c.n_positions) * d  # token and position; the LM head is tied to wte
@@ -437,6 +439,63 @@ def test_prefix_count_checker():
     for name, (wrong, hint) in wrongs.items():
         verdict = exercises.check_prefix_count(wrong, quiet=True)
         assert not verdict and hint in verdict.message, (name, verdict.message)
+
+
+# -- notebook 06: NF4 indices and DoRA's weight ------------------------------------------------------------
+def solution_nf4_quantize(w, code, block_size):
+    blocks = w.view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    x = blocks / torch.where(absmax == 0, 1.0, absmax)[:, None]
+    return (x.reshape(-1, 1) - code).abs().argmin(dim=1), absmax
+
+
+def _nf4_one_scale(w, code, block_size):  # one absmax for the whole tensor
+    absmax = w.abs().max().expand(w.numel() // block_size)
+    return (w.reshape(-1, 1) / absmax[0] - code).abs().argmin(dim=1), absmax
+
+
+def _nf4_signed_max(w, code, block_size):  # the largest value, not the largest |value|
+    absmax = w.view(-1, block_size).amax(dim=1)
+    x = w.view(-1, block_size) / torch.where(absmax == 0, 1.0, absmax)[:, None]
+    return (x.reshape(-1, 1) - code).abs().argmin(dim=1), absmax
+
+
+def _nf4_uniform(w, code, block_size):  # evenly spaced 4-bit levels instead of the NF4 values
+    idx, absmax = solution_nf4_quantize(w, code, block_size)
+    x = w.view(-1, block_size) / torch.where(absmax == 0, 1.0, absmax)[:, None]
+    return torch.round((x.reshape(-1) + 1) * 7.5).long(), absmax
+
+
+def test_nf4_quantize_checker(capsys):
+    assert exercises.check_nf4_quantize(solution_nf4_quantize, quiet=True)
+    hints = {_nf4_one_scale: "same scale", _nf4_signed_max: "largest |w|", _nf4_uniform: "not evenly spaced"}
+    for wrong, hint in hints.items():
+        verdict = exercises.check_nf4_quantize(wrong, quiet=True)
+        assert not verdict and hint in verdict.message, (wrong.__name__, verdict.message)
+    assert exercises.check_nf4_quantize(lambda w, c, b: None, quiet=True).pending
+    floats = exercises.check_nf4_quantize(lambda w, c, b: (c[solution_nf4_quantize(w, c, b)[0]],
+                                                            solution_nf4_quantize(w, c, b)[1]), quiet=True)
+    assert not floats and "integer" in floats.message
+
+
+def solution_dora_weight(W, A, B, m, scale):
+    V = W + scale * B @ A
+    return m[:, None] * V / V.norm(dim=1, keepdim=True)
+
+
+def test_dora_weight_checker():
+    assert exercises.check_dora_weight(solution_dora_weight, quiet=True)
+    wrongs = {
+        "per output row": lambda W, A, B, m, s: m[:, None] * (W + s * B @ A) / (W + s * B @ A).norm(dim=0, keepdim=True),
+        "not of W": lambda W, A, B, m, s: m[:, None] * (W + s * B @ A) / W.norm(dim=1, keepdim=True),
+        "scale * B A": lambda W, A, B, m, s: m[:, None] * (W + B @ A) / (W + B @ A).norm(dim=1, keepdim=True),
+        "magnitude m": lambda W, A, B, m, s: (W + s * B @ A) / (W + s * B @ A).norm(dim=1, keepdim=True),
+    }
+    for hint, wrong in wrongs.items():
+        verdict = exercises.check_dora_weight(wrong, quiet=True)
+        assert not verdict and hint in verdict.message, (hint, verdict.message)
+    shape = exercises.check_dora_weight(lambda W, A, B, m, s: (W + s * B @ A).T, quiet=True)
+    assert not shape
 
 
 # -- the notebooks' exercises, as a whole ----------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_full_fine_tuning_matches_the_experiment_done_by_hand():
     encoder = {n: p.detach().clone() for n, p in model.bert.named_parameters()}
     r = full_fine_tuning(model, TASK_A, TASK_B, EVAL_A, EVAL_B, RECIPE, seed=3, probe=PROBE)
 
-    # the same experiment written out (as notebook 08 used to)
+    # the same experiment written out (as notebook 09 used to)
     train(by_hand, TASK_A, None, RECIPE)
     a_before = accuracy(by_hand, EVAL_A)
     head_a = copy.deepcopy(by_hand.classifier)

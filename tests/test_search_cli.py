@@ -30,6 +30,31 @@ def test_every_method_prepares_a_trainable_classifier(method, tmp_path):
     assert save_trained(model, method, tmp_path / method) > 0
 
 
+def test_the_family_methods_are_what_they_say():
+    from peftlab.ia3 import IA3Linear
+    from peftlab.lora import LoRALinear
+    from peftlab.methods import LEARNING_RATES, TRAIN_OPTIONS
+    from peftlab.quant import Linear4bit
+    from peftlab.train import param_groups
+
+    hp = MethodHParams(r=2)
+    qlora = prepare(tiny_bert(), "qlora", hp)
+    wrapped = [m for m in qlora.modules() if isinstance(m, LoRALinear)]
+    assert wrapped and all(isinstance(m.base_layer, Linear4bit) for m in wrapped)
+    assert not isinstance(qlora.classifier, Linear4bit)  # the trained head stays full precision
+    assert not any(p.requires_grad for n, p in qlora.named_parameters() if "lora_" not in n and "classifier" not in n)
+    dora = prepare(tiny_bert(), "dora", hp)
+    assert any("lora_magnitude_vector" in n for n, _ in dora.named_parameters())
+    assert any(isinstance(m, IA3Linear) for m in prepare(tiny_bert(), "ia3").modules())
+    ratio = TRAIN_OPTIONS["lora-plus"]["loraplus_ratio"]
+    groups, names = param_groups(prepare(tiny_bert(), "lora-plus", hp), 0.01, loraplus_ratio=ratio)
+    scaled = [n for g, ns in zip(groups, names) if g.get("lr_scale") == ratio for n in ns]
+    assert scaled and all("lora_B" in n for n in scaled)
+    assert set(LEARNING_RATES) == set(METHODS)
+    cfg = TrainConfig(lr=LEARNING_RATES["lora-plus"], **TRAIN_OPTIONS["lora-plus"])
+    assert cfg.loraplus_ratio == ratio
+
+
 def test_missing_methods_say_so(monkeypatch):
     import sys
 

@@ -1,4 +1,4 @@
-"""peftlab.viz: heatmaps, offline bertviz views, widgets and attributions (notebook 07)."""
+"""peftlab.viz: heatmaps, offline bertviz views, widgets and attributions (notebook 08)."""
 
 import hashlib
 import json

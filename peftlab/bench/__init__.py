@@ -1,7 +1,7 @@
 """The benchmarks behind the README's tables: measuring peftlab, not part of what it teaches.
 
-The notebooks show their results (``notebooks/06_training.ipynb``, "The reference table", and
-the reference rows printed in notebooks 01, 02 and 04-08); the modules:
+The notebooks show their results (``notebooks/07_training.ipynb``, "The reference table", and
+the reference rows printed in notebooks 01, 02, 04, 05 and 07-09); the modules:
 
 * ``table``: the reference table, every method on MiniLM / Rotten Tomatoes (``peftlab bench``);
 * ``lora``: LoRA step time, inference time, memory and file size (``python -m peftlab.bench lora``);

@@ -3,7 +3,7 @@
 * ``lora [--device cuda] [--bf16] [--random-init] [--json PATH]``: the LoRA micro-benchmark
   (``peftlab.bench.lora``, explained in notebooks/03_lora.ipynb);
 * ``speed [--rounds 2] [--quick] [--json PATH]``: the training loop against HF Trainer + peft
-  (``peftlab.bench.speed``, notebooks/06_training.ipynb);
+  (``peftlab.bench.speed``, notebooks/07_training.ipynb);
 * ``e2e [--seeds 0,1] [--methods prefix,lora] [--quick] [--json PATH]``: prefix-tuning, LoRA and
   QLoRA (``qlora``: LoRA over the NF4 base) on SmolLM2 / E2E at one budget, scored by BLEU, with
   training time and peak memory (``peftlab.bench.e2e``, notebooks/04_prefix_tuning.ipynb);

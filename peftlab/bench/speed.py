@@ -14,7 +14,7 @@ whole test split. Each runs in a fresh process (so neither inherits the other's 
 thread state); the wall time and process CPU time of training and of test evaluation are
 reported, with test accuracy. ``--rounds 2`` runs the order A B B A and reports the mean.
 Each run is ``python -m peftlab.bench.speed _child VARIANT QUICK SEED`` (prints one JSON line).
-Explained in ``notebooks/06_training.ipynb``, section "Why the loop is fast".
+Explained in ``notebooks/07_training.ipynb``, section "Why the loop is fast".
 """
 
 from __future__ import annotations

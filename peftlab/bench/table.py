@@ -18,7 +18,7 @@ fine-tuning, inference latency / base model and the size of what must be stored 
   time** on the CPU (less sensitive than wall time to other jobs on a shared machine) and as
   synchronised wall time on CUDA; the median over the rounds is reported, with its spread.
 
-Explained in ``notebooks/06_training.ipynb``, section "The reference table".
+Explained in ``notebooks/07_training.ipynb``, section "The reference table".
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def _child(argv: list[str]) -> None:
 def reference(path: Path | None = None) -> tuple[dict[str, dict], str]:
     """The course's stored table: rows by method, and the budget they were trained with, in words.
 
-    Notebooks 01, 02 and 04–08 print these next to their own short live runs.
+    Notebooks 01, 02, 04, 05 and 07–09 print these next to their own short live runs.
     """
     path = Path(path) if path else default_output() / "benchmark.json"
     data = json.loads(path.read_text(encoding="utf-8"))

@@ -7,7 +7,7 @@ Two benchmarks, each printing ratios measured in the same process with interleav
   generation tokens/s, next to LoRA training and base-model generation on the same model.
 * ``serve``: MiniLM classification latency of the frozen base vs merged LoRA, unmerged LoRA,
   bottleneck adapters (Houlsby, Pfeiffer, parallel), prefix- and prompt tuning: the
-  deployment trade-off of ``notebooks/08_deployment.ipynb``.
+  deployment trade-off of ``notebooks/09_deployment.ipynb``.
 
 ``python -m peftlab.bench.throughput prefix|serve [--device cuda] [--bf16] [--random-init]``.
 ``--random-init`` builds the same architectures with random weights (same shapes, same

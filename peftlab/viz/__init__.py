@@ -1,6 +1,6 @@
 """Looking inside a model: attention heatmaps, offline bertviz views, widgets, attributions.
 
-Everything here is explained in ``notebooks/07_attention_visualization.ipynb``; each
+Everything here is explained in ``notebooks/08_attention_visualization.ipynb``; each
 docstring names its section. One module per concern:
 
 * ``maps``: ``attention_maps`` runs a model once with ``output_attentions=True`` and returns

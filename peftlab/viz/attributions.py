@@ -1,8 +1,8 @@
-"""Which tokens pushed a classifier's decision: integrated gradients with Captum (notebook 07).
+"""Which tokens pushed a classifier's decision: integrated gradients with Captum (notebook 08).
 
 Layer integrated gradients (Sundararajan et al. 2017) on the input embeddings, as an
 :class:`Attributions` record, coloured HTML and a bar plot. Explained in
-``notebooks/07_attention_visualization.ipynb``, section "Attributions next to attention".
+``notebooks/08_attention_visualization.ipynb``, section "Attributions next to attention".
 """
 
 from __future__ import annotations

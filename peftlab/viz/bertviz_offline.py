@@ -31,7 +31,7 @@ the left, the m + T keys on the right). They also accept a :class:`peftlab.viz.A
 in place of ``attention`` (``tokens`` then defaults to its tokens).
 
 Called through ``peftlab.viz.enable_offline_bertviz``; the views are shown in
-``notebooks/07_attention_visualization.ipynb``, section "bertviz views".
+``notebooks/08_attention_visualization.ipynb``, section "bertviz views".
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""bertviz's own head view and model view as self-contained HTML (notebook 07, "bertviz views").
+"""bertviz's own head view and model view as self-contained HTML (notebook 08, "bertviz views").
 
 ``head_view`` / ``model_view`` return an :class:`OfflineView`: bertviz draws it, with d3 and
 jQuery (``peftlab/static/viz``, with their licences) inlined, so nothing is fetched.
 ``enable_offline_bertviz`` makes bertviz's own functions draw offline too; how that works is
-``peftlab.viz.bertviz_offline``. Explained in ``notebooks/07_attention_visualization.ipynb``.
+``peftlab.viz.bertviz_offline``. Explained in ``notebooks/08_attention_visualization.ipynb``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Attention heatmaps in matplotlib: one head, a layer's heads, before / after, λ (notebook 07).
+"""Attention heatmaps in matplotlib: one head, a layer's heads, before / after, λ (notebook 08).
 
-Explained in ``notebooks/07_attention_visualization.ipynb``; each docstring names its section.
+Explained in ``notebooks/08_attention_visualization.ipynb``; each docstring names its section.
 Every function returns a ``matplotlib.figure.Figure`` built without pyplot (``new_figure``), so
 a notebook shows each figure exactly once and nothing piles up in pyplot's figure list. Text
 in figures is at least 9 pt (``FONT_SIZE``) at the size a function picks. Prefix keys

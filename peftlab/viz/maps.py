@@ -1,6 +1,6 @@
-"""Getting a model's attention maps, and measuring them (notebook 07).
+"""Getting a model's attention maps, and measuring them (notebook 08).
 
-Explained in ``notebooks/07_attention_visualization.ipynb``, sections "Getting the maps",
+Explained in ``notebooks/08_attention_visualization.ipynb``, sections "Getting the maps",
 "After fine-tuning" and "Where the prefix draws attention". ``attention_maps`` runs a model
 once with ``output_attentions=True`` and returns an :class:`AttentionMaps`: the query tokens
 and, per layer, a (heads, T, m + T) tensor. ``m`` is 0 for an ordinary model; a prefix-tuned

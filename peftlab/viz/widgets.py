@@ -1,6 +1,6 @@
-"""An ipywidgets explorer of attention: layer, head, sentence and method (notebook 07, "Explore").
+"""An ipywidgets explorer of attention: layer, head, sentence and method (notebook 08, "Explore").
 
-Explained in ``notebooks/07_attention_visualization.ipynb``, section "Explore". It redraws
+Explained in ``notebooks/08_attention_visualization.ipynb``, section "Explore". It redraws
 the heatmaps of ``peftlab.viz.heatmaps`` into an ``Output`` whenever a control changes.
 """
 
