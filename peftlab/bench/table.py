@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from peftlab.methods import LEARNING_RATES
+from peftlab.methods import LEARNING_RATES, TRAIN_OPTIONS
 
 __all__ = ["BenchSettings", "run_bench", "format_markdown", "reference", "LABELS"]
 
@@ -43,7 +43,8 @@ LABELS = {
     "head": "head only (frozen body)", "full": "full fine-tuning", "peft-lora": "HF peft LoRA",
     "lora": "peftlab LoRA", "prefix": "prefix-tuning", "prompt": "prompt tuning",
     "houlsby": "Houlsby adapters", "pfeiffer": "Pfeiffer adapters", "dora": "DoRA",
-    "lora-plus": "LoRA+ (B at 4x lr)", "qlora": "QLoRA (NF4 body)", "ia3": "IA³",
+    "lora-plus": f"LoRA+ (B at {TRAIN_OPTIONS['lora-plus']['loraplus_ratio']:g}x lr)",
+    "qlora": "QLoRA (NF4 body)", "ia3": "IA³",
 }
 WARMUP = 0.06  # share of the steps
 
