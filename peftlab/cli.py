@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     o = t.add_argument_group("training")
     o.add_argument("--lr", type=_positive_float, default=None,
                    help="default: the method's rate in peftlab.methods.LEARNING_RATES")
+    o.add_argument("--head-lr", type=_positive_float, default=None,
+                   help="the head's own rate (modules_to_save copies); default: the method's in "
+                        "peftlab.methods.TRAIN_OPTIONS, else --lr")
+    o.add_argument("--loraplus-ratio", type=_positive_float, default=None,
+                   help="LoRA+: lora_B at lr * ratio; default: the method's in peftlab.methods.TRAIN_OPTIONS")
     o.add_argument("--batch-size", type=_positive_int, default=16)
     o.add_argument("--epochs", type=_positive_int, default=1)
     o.add_argument("--max-steps", type=_positive_int, default=None)
@@ -112,7 +117,9 @@ def _train(args, parser) -> dict:
                          grad_accum=args.grad_accum, precision=args.precision, seed=args.seed,
                          output_dir=args.output_dir, checkpoint_every=args.checkpoint_every,
                          log_tensorboard=args.tensorboard, progress=not args.no_progress,
-                         device=device, **TRAIN_OPTIONS.get(args.method, {}))
+                         device=device, **{**TRAIN_OPTIONS.get(args.method, {}), **{
+                             k: v for k, v in (("head_lr", args.head_lr), ("loraplus_ratio", args.loraplus_ratio))
+                             if v is not None}})
     runtime.seed_everything(args.seed)
     ds = peftlab.load_sentiment(args.data, seed=args.seed)
     if args.train_size:

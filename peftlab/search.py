@@ -19,7 +19,7 @@ from collections.abc import Callable
 import optuna
 from torch import nn
 
-from peftlab.methods import METHODS, MethodHParams, prepare
+from peftlab.methods import METHODS, TRAIN_OPTIONS, MethodHParams, prepare
 from peftlab.train import TrainConfig, train
 
 __all__ = ["tune", "suggest", "trial_params"]
@@ -31,9 +31,10 @@ def suggest(trial: optuna.Trial, method: str) -> dict:
         r = trial.suggest_categorical("r", [2, 4, 8, 16])
         return {"r": r, "alpha": trial.suggest_categorical("alpha", [8, 16, 32]),
                 "lr": trial.suggest_float("lr", 1e-4, 5e-3, log=True)}
-    if method in ("prefix", "prompt"):
+    if method in ("prefix", "prompt"):  # flat prefixes peak near 5e-2 on MiniLM (peftlab.methods.LEARNING_RATES)
+        low, high = (3e-3, 1e-1) if method == "prefix" else (1e-4, 3e-2)
         return {"prefix_length": trial.suggest_categorical("prefix_length", [4, 8, 16, 32]),
-                "lr": trial.suggest_float("lr", 1e-4, 3e-2, log=True)}
+                "lr": trial.suggest_float("lr", low, high, log=True)}
     if method in ("houlsby", "pfeiffer"):
         return {"bottleneck": trial.suggest_categorical("bottleneck", [8, 16, 32, 64]),
                 "lr": trial.suggest_float("lr", 1e-4, 5e-3, log=True)}
@@ -82,7 +83,9 @@ def tune(make_model: Callable[[], nn.Module], train_data, eval_data, *, method: 
     def objective(trial: optuna.Trial) -> float:
         hp, lr = trial_params(space(trial, method), base)
         model = prepare(make_model(), method, hp)
-        trial_cfg = dataclasses.replace(config, lr=lr or config.lr, seed=seed)
+        # the method's own TrainConfig options (LoRA+'s ratio, prefix-tuning's head rate) unless config sets them
+        options = {k: v for k, v in TRAIN_OPTIONS.get(method, {}).items() if getattr(config, k) is None}
+        trial_cfg = dataclasses.replace(config, lr=lr or config.lr, seed=seed, **options)
 
         def report(scores: dict) -> None:
             name = config.metric if config.metric in scores else "loss"

@@ -6,7 +6,8 @@ teaches in ``notebooks/07_training.ipynb``:
 * AdamW (Loshchilov & Hutter, 2019) over the *trainable* parameters only, in two groups:
   weight decay on matrices, none on biases and normalisation weights; with
   ``loraplus_ratio`` a third group, the LoRA B matrices at ``lr * loraplus_ratio`` (LoRA+,
-  Hayou et al. 2024, arXiv:2402.12354);
+  Hayou et al. 2024, arXiv:2402.12354); with ``head_lr`` the trained copies of
+  ``modules_to_save`` (a classification head) at their own peak rate, on the same schedule;
 * linear warm-up then linear, cosine (Loshchilov & Hutter, 2017, "SGDR") or constant decay,
   written as the pure function ``lr_factor`` so that it can be plotted and tested;
 * gradient clipping by global norm, gradient accumulation (equal to the big-batch gradient for
@@ -70,6 +71,10 @@ class TrainConfig:
     # LoRA+ (Hayou et al. 2024): the lora_B matrices train at lr * ratio, all else at lr; the paper
     # recommends ~16. None: one learning rate for everything
     loraplus_ratio: float | None = None
+    # peak lr of the modules_to_save copies (a new classification head), on the same schedule: a fresh
+    # linear head and the adapter rarely want the same rate (prefix-tuning: ~5e-2 flat, the head ~1e-2).
+    # None: lr
+    head_lr: float | None = None
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "fp32"  # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA only, with GradScaler)
@@ -123,6 +128,9 @@ class TrainConfig:
         if r is not None and not (is_finite(r) and r > 0):
             fail("loraplus_ratio", r, "None or a finite number > 0",
                  "use e.g. 16 (LoRA+'s recommendation: B learns 16x faster than A), or None for one learning rate")
+        if self.head_lr is not None and not (is_finite(self.head_lr) and self.head_lr > 0):
+            fail("head_lr", self.head_lr, "None or a positive number",
+                 "use e.g. 1e-2 (what a fresh classification head trains at), or None to train it at lr")
         if self.max_grad_norm is not None and not (is_finite(self.max_grad_norm) and self.max_grad_norm > 0):
             fail("max_grad_norm", self.max_grad_norm, "None or a finite number > 0",
                  "use 1.0, or None to switch clipping off")
@@ -195,16 +203,26 @@ def _is_lora_b(full_name: str) -> bool:
     return "lora_B" in full_name.split(".")  # <layer>.lora_B.<adapter>.weight (peftlab.lora's naming rule)
 
 
-def param_groups(model: nn.Module, weight_decay: float,
-                 loraplus_ratio: float | None = None) -> tuple[list[dict], list[list[str]]]:
+def _head_ratio(config: TrainConfig) -> float | None:
+    return None if config.head_lr is None else config.head_lr / config.lr
+
+
+def _is_saved_copy(full_name: str) -> bool:
+    return "modules_to_save" in full_name.split(".")  # <path>.modules_to_save.<adapter>.* (peftlab.wrappers)
+
+
+def param_groups(model: nn.Module, weight_decay: float, loraplus_ratio: float | None = None,
+                 head_lr_ratio: float | None = None) -> tuple[list[dict], list[list[str]]]:
     """AdamW groups over trainable parameters: [decayed, not decayed], and their names.
 
     With ``loraplus_ratio`` (LoRA+, Hayou et al. 2024) the trainable ``lora_B`` matrices leave the
     decayed group for a third one, ``{"lr_scale": loraplus_ratio}`` (decayed too): ``train`` sets
     each group's learning rate to the scheduled lr times its ``lr_scale`` (1 where absent).
-    Raises ``ValueError`` if the ratio is given but the model trains no ``lora_B``.
+    With ``head_lr_ratio`` the ``modules_to_save`` copies' parameters go to two more groups
+    (decayed, not decayed) with ``{"lr_scale": head_lr_ratio}``.
+    Raises ``ValueError`` if a ratio is given but the model trains nothing it would scale.
     """
-    decay, plain, b_mats, seen = [], [], [], set()
+    decay, plain, b_mats, head_decay, head_plain, seen = [], [], [], [], [], set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -213,9 +231,11 @@ def param_groups(model: nn.Module, weight_decay: float,
             full = f"{mname}.{pname}" if mname else pname
             if loraplus_ratio is not None and _is_lora_b(full):
                 b_mats.append((full, p))
+            elif head_lr_ratio is not None and _is_saved_copy(full):
+                (head_plain if _no_decay(module, pname) else head_decay).append((full, p))
             else:
                 (plain if _no_decay(module, pname) else decay).append((full, p))
-    if not decay and not plain and not b_mats:
+    if not decay and not plain and not b_mats and not head_decay and not head_plain:
         raise ValueError("the model has no trainable parameters: inject an adapter "
                          "(peftlab.inject) or set requires_grad=True on what you want to train")
     groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
@@ -230,6 +250,15 @@ def param_groups(model: nn.Module, weight_decay: float,
                 "loraplus_ratio=None")
         groups.append({"params": [p for _, p in b_mats], "weight_decay": weight_decay, "lr_scale": loraplus_ratio})
         names.append([n for n, _ in b_mats])
+    if head_lr_ratio is not None:
+        if not head_decay and not head_plain:
+            raise ValueError(
+                f"TrainConfig.head_lr sets the learning rate of the modules_to_save copies (a classification head), "
+                f"but {type(model).__name__} trains none (no trainable parameter named '*.modules_to_save.*'): "
+                "inject with e.g. modules_to_save=('classifier',), or set head_lr=None")
+        for part, wd in ((head_decay, weight_decay), (head_plain, 0.0)):
+            groups.append({"params": [p for _, p in part], "weight_decay": wd, "lr_scale": head_lr_ratio})
+            names.append([n for n, _ in part])
     return groups, names
 
 
@@ -280,8 +309,8 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     logging, evaluation and checkpoints.
     """
     config = config or TrainConfig()
-    if config.loraplus_ratio is not None:  # refuse a model without LoRA B matrices before anything runs
-        param_groups(model, config.weight_decay, config.loraplus_ratio)
+    if config.loraplus_ratio is not None or config.head_lr is not None:  # refuse a model with nothing to scale
+        param_groups(model, config.weight_decay, config.loraplus_ratio, _head_ratio(config))  # before it changes
     run = _Run(model, config, on_evaluate)
     run.check_data(train_data, eval_data)
     run.prepare(resuming=bool(resume_from))
@@ -342,8 +371,9 @@ class _Run:
         if not resuming:  # a resumed run gets the generators' states from its checkpoint instead
             torch.manual_seed(config.seed)
         self.model.to(self.device)
-        groups, self.names = param_groups(self.model, config.weight_decay, config.loraplus_ratio)
-        self.lr_scales = [g.pop("lr_scale", 1.0) for g in groups]  # LoRA+: the B group's lr multiplier
+        groups, self.names = param_groups(self.model, config.weight_decay, config.loraplus_ratio,
+                                          _head_ratio(config))
+        self.lr_scales = [g.pop("lr_scale", 1.0) for g in groups]  # LoRA+ / head groups: their lr multiplier
         self.optimizer = torch.optim.AdamW([{**g, "lr": config.lr * s} for g, s in zip(groups, self.lr_scales)],
                                            lr=config.lr)
         if self.accelerator is not None:
@@ -363,7 +393,7 @@ class _Run:
         state = ckpt.load_checkpoint(path, self.raw, self._inner_optimizer(), self.names)
         old = state.get("config", {})
         for key in ("batch_size", "grad_accum", "seed", "max_steps", "epochs", "schedule", "warmup", "lr",
-                    "loraplus_ratio"):
+                    "loraplus_ratio", "head_lr"):
             if key in old and old[key] != getattr(config, key):
                 warnings.warn(f"resuming with {key}={getattr(config, key)!r} but the checkpoint used "
                               f"{old[key]!r}: the run will not match an uninterrupted one", stacklevel=3)

@@ -98,9 +98,10 @@ def test_pruner_stops_a_trial_behind_the_median():
 
 
 def test_search_spaces_cover_prefix_and_adapters():
-    trial = optuna.trial.FixedTrial({"prefix_length": 8, "lr": 1e-3, "bottleneck": 16})
-    assert suggest(trial, "prefix") == {"prefix_length": 8, "lr": 1e-3}
-    assert suggest(trial, "houlsby") == {"bottleneck": 16, "lr": 1e-3}
+    trial = optuna.trial.FixedTrial({"prefix_length": 8, "lr": 1e-2, "bottleneck": 16})
+    assert suggest(trial, "prefix") == {"prefix_length": 8, "lr": 1e-2}
+    assert suggest(trial, "prompt") == {"prefix_length": 8, "lr": 1e-2}
+    assert suggest(trial, "houlsby") == {"bottleneck": 16, "lr": 1e-2}
 
 
 # --- command line -------------------------------------------------------------------------
@@ -109,6 +110,8 @@ def test_search_spaces_cover_prefix_and_adapters():
     (["train", "--method", "lorra", "--output-dir", "x"], "invalid choice: 'lorra'"),
     (["train", "--method", "lora", "--output-dir", "x", "--lr", "0"], "must be > 0"),
     (["train", "--method", "lora", "--output-dir", "x", "--batch-size", "0"], "positive integer"),
+    (["train", "--method", "prefix", "--output-dir", "x", "--head-lr", "0"], "must be > 0"),
+    (["train", "--method", "lora-plus", "--output-dir", "x", "--loraplus-ratio", "-4"], "must be > 0"),
     (["train", "--method", "lora"], "--output-dir"),
     (["bench", "--methods", "lora,nope"], "unknown method"),
     (["bench", "lora", "--quick"], "apply to the table"),
@@ -138,6 +141,31 @@ def test_cli_train_smoke(tmp_path):
     assert summary["steps"] == 3 and 0 <= summary["test"]["accuracy"] <= 1
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "checkpoints" / "latest").is_file()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv, head_lr, ratio", [
+    (["--method", "prefix"], 1e-2, None),  # the method's own options (peftlab.methods.TRAIN_OPTIONS)
+    (["--method", "prefix", "--head-lr", "3e-3"], 3e-3, None),  # the flag wins
+    (["--method", "lora-plus", "--loraplus-ratio", "8"], None, 8.0),
+    (["--method", "lora"], None, None),
+])
+def test_cli_train_passes_the_methods_options_and_the_flags(argv, head_lr, ratio, monkeypatch, tmp_path):
+    import peftlab.train
+
+    seen = {}
+
+    def fake_train(model, data, eval_data=None, config=None, **kw):
+        seen["config"] = config
+        raise _Stop
+
+    monkeypatch.setattr(peftlab.train, "train", fake_train)
+    with pytest.raises(_Stop):
+        cli.main(["train", *argv, "--train-size", "16", "--output-dir", str(tmp_path), "--no-progress"])
+    assert seen["config"].head_lr == head_lr and seen["config"].loraplus_ratio == ratio
 
 
 @pytest.mark.slow

@@ -4,9 +4,10 @@
   (``peftlab.bench.lora``, explained in notebooks/03_lora.ipynb);
 * ``speed [--rounds 2] [--quick] [--json PATH]``: the training loop against HF Trainer + peft
   (``peftlab.bench.speed``, notebooks/07_training.ipynb);
-* ``e2e [--seeds 0,1] [--methods prefix,lora] [--quick] [--json PATH]``: prefix-tuning, LoRA and
-  QLoRA (``qlora``: LoRA over the NF4 base) on SmolLM2 / E2E at one budget, scored by BLEU, with
-  training time and peak memory (``peftlab.bench.e2e``, notebooks/04_prefix_tuning.ipynb);
+* ``e2e [--seeds 0,1,2] [--methods prefix,prefix-random,prompt,lora] [--quick] [--json PATH]
+  [--reuse PATH]``: prefix-tuning (text or random start), prompt tuning, LoRA and QLoRA (``qlora``:
+  LoRA over the NF4 base) on SmolLM2 / E2E at one budget, scored by BLEU, with training curves,
+  time and peak memory (``peftlab.bench.e2e``, notebooks/04_prefix_tuning.ipynb);
 * ``_mem KIND``: internal, the fresh process in which ``lora`` measures one configuration's
   CPU memory.
 
@@ -29,12 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("which", choices=["lora", "speed", "e2e", "_mem"], help="benchmark to run")
     parser.add_argument("--rounds", type=int, default=1, help="speed: rounds of the A B / B A order")
     parser.add_argument("--quick", action="store_true", help="speed, e2e: a small subset (a smoke test)")
-    parser.add_argument("--seeds", default="0,1", help="e2e: comma-separated seeds, e.g. 0,1")
-    parser.add_argument("--methods", default="prefix,lora", help="e2e: comma-separated, from prefix, lora, qlora")
+    parser.add_argument("--seeds", default="0,1,2", help="e2e: comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--methods", default="prefix,prefix-random,prompt,lora",
+                        help="e2e: comma-separated, from prefix, prefix-random, prompt, lora, qlora")
     parser.add_argument("kind", nargs="?", default="lora", help=argparse.SUPPRESS)  # for the _mem child
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (meant for CUDA)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
+    parser.add_argument("--reuse", type=Path, help="e2e: take over the runs of this earlier JSON that have the same "
+                                                   "budget, method and seed instead of training them again")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--random-init", action="store_true", help="MiniLM's architecture with random weights")
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=2))
         return 0
     if args.which == "e2e":
-        from peftlab.bench.e2e import bench_e2e, default_path, format_e2e
+        from peftlab.bench.e2e import REFERENCE_METHODS, bench_e2e, default_path, format_e2e
 
         try:
             seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
@@ -64,12 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--seeds must be comma-separated integers such as 0,1; got {args.seeds!r}")
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         try:
-            result = bench_e2e(seeds=seeds, methods=methods, quick=args.quick)
+            earlier = json.loads(args.reuse.read_text()) if args.reuse else None
+            result = bench_e2e(seeds=seeds, methods=methods, quick=args.quick, reuse=earlier)
         except ValueError as err:
             parser.error(str(err))
         table = format_e2e(result)
         print(table)
-        reference_run = methods == ("prefix", "lora") and not args.quick  # what notebook 04 reads
+        reference_run = methods == REFERENCE_METHODS and seeds == (0, 1, 2) and not args.quick  # notebook 04 reads it
         out = args.json or (default_path() if reference_run else None)
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)

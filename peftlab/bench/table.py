@@ -41,7 +41,7 @@ __all__ = ["BenchSettings", "run_bench", "format_markdown", "reference", "LABELS
 
 LABELS = {
     "head": "head only (frozen body)", "full": "full fine-tuning", "peft-lora": "HF peft LoRA",
-    "lora": "peftlab LoRA", "prefix": "prefix-tuning", "prompt": "prompt tuning",
+    "lora": "peftlab LoRA", "prefix": "prefix-tuning (flat)", "prompt": "prompt tuning",
     "houlsby": "Houlsby adapters", "pfeiffer": "Pfeiffer adapters", "dora": "DoRA",
     "lora-plus": f"LoRA+ (B at {TRAIN_OPTIONS['lora-plus']['loraplus_ratio']:g}x lr)",
     "qlora": "QLoRA (NF4 body)", "ia3": "IA³",
