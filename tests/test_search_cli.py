@@ -154,15 +154,16 @@ class _Stop(Exception):
     (["--method", "lora"], None, None),
 ])
 def test_cli_train_passes_the_methods_options_and_the_flags(argv, head_lr, ratio, monkeypatch, tmp_path):
-    import peftlab.train
+    import importlib
 
+    train_module = importlib.import_module("peftlab.train")  # (peftlab.train is also the function's name)
     seen = {}
 
     def fake_train(model, data, eval_data=None, config=None, **kw):
         seen["config"] = config
         raise _Stop
 
-    monkeypatch.setattr(peftlab.train, "train", fake_train)
+    monkeypatch.setattr(train_module, "train", fake_train)
     with pytest.raises(_Stop):
         cli.main(["train", *argv, "--train-size", "16", "--output-dir", str(tmp_path), "--no-progress"])
     assert seen["config"].head_lr == head_lr and seen["config"].loraplus_ratio == ratio
