@@ -24,6 +24,7 @@ from torch import nn
 
 from .registry import DISABLED, active_adapter, all_hooks, configs, hooks_for
 from .tree import adapter_layers, flag_new_modules, replace_module
+from .wrappers import is_saved_copy
 
 __all__ = [
     "inject", "explain", "count_parameters", "merge", "unmerge", "unload", "set_active",
@@ -278,7 +279,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         owner = next((h.method for h in methods if h.owns(n)), None)
         if owner is not None:
             kinds[owner] = kinds.get(owner, 0) + k
-        elif ".modules_to_save." in n or n.startswith("modules_to_save."):
+        elif is_saved_copy(n):
             kinds["modules_to_save"] += k
         elif not p.requires_grad:
             kinds["base_frozen"] += k

@@ -44,6 +44,7 @@ from peftlab import checkpoint as ckpt
 from peftlab import runtime
 from peftlab.label_checks import check_labels
 from peftlab.metrics import PeakMemory, as_loader, evaluate, rng_preserved
+from peftlab.wrappers import is_saved_copy
 
 __all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "param_groups", "warmup_steps",
            "check_labels"]
@@ -207,10 +208,6 @@ def _head_ratio(config: TrainConfig) -> float | None:
     return None if config.head_lr is None else config.head_lr / config.lr
 
 
-def _is_saved_copy(full_name: str) -> bool:
-    return "modules_to_save" in full_name.split(".")  # <path>.modules_to_save.<adapter>.* (peftlab.wrappers)
-
-
 def param_groups(model: nn.Module, weight_decay: float, loraplus_ratio: float | None = None,
                  head_lr_ratio: float | None = None) -> tuple[list[dict], list[list[str]]]:
     """AdamW groups over trainable parameters: [decayed, not decayed], and their names.
@@ -231,7 +228,7 @@ def param_groups(model: nn.Module, weight_decay: float, loraplus_ratio: float | 
             full = f"{mname}.{pname}" if mname else pname
             if loraplus_ratio is not None and _is_lora_b(full):
                 b_mats.append((full, p))
-            elif head_lr_ratio is not None and _is_saved_copy(full):
+            elif head_lr_ratio is not None and is_saved_copy(full):
                 (head_plain if _no_decay(module, pname) else head_decay).append((full, p))
             else:
                 (plain if _no_decay(module, pname) else decay).append((full, p))

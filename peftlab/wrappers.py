@@ -25,9 +25,14 @@ from torch import nn
 from .tree import AdapterLayer, replace_module, walk
 
 __all__ = ["ModulesToSaveWrapper", "SAVES_PREFIX", "find_saves", "add_saves", "mark_saves", "delete_saves",
-           "saved_copies", "saved_shapes", "adapter_dtype", "mark_root_bank", "delete_from_root_bank"]
+           "saved_copies", "saved_shapes", "is_saved_copy", "adapter_dtype", "mark_root_bank", "delete_from_root_bank"]
 
 SAVES_PREFIX = "modules_to_save."  # key prefix of the copies in peftlab's own file formats
+
+
+def is_saved_copy(parameter_name: str) -> bool:
+    """Whether a parameter belongs to a trained ``modules_to_save`` copy (``<path>.modules_to_save.<adapter>.*``)."""
+    return "modules_to_save" in parameter_name.split(".")
 
 
 def adapter_dtype(reference: torch.Tensor) -> torch.dtype:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from train_helpers import tiny_bert, toy_classification
+from train_helpers import record_group_lrs, tiny_bert, toy_classification
 
 from peftlab.config import LoRAConfig, PrefixConfig
 from peftlab.inject import inject
@@ -69,14 +69,7 @@ def test_a_head_lr_that_is_not_positive_is_refused(head_lr):
 
 
 def test_the_schedule_drives_the_head_lr_too(monkeypatch):
-    seen = []
-
-    class Spy(torch.optim.AdamW):
-        def step(self, closure=None):
-            seen.append([g["lr"] for g in self.param_groups])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    seen = record_group_lrs(monkeypatch)
     train(_prefix_bert(), toy_classification(16), None, TrainConfig(lr=5e-2, head_lr=1e-2, batch_size=4, max_steps=5,
                                                                     warmup=2, progress=False))
     factors = [lr_factor(s, 5, 2, "linear") for s in range(5)]

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from train_helpers import tiny_bert, toy_classification
+from train_helpers import record_group_lrs, tiny_bert, toy_classification
 
 from peftlab.config import AdapterConfig, LoRAConfig
 from peftlab.inject import inject, set_active
@@ -38,14 +38,7 @@ def test_param_groups_put_exactly_the_b_matrices_in_their_own_group():
 
 
 def test_the_schedule_scales_every_group_alike(monkeypatch):
-    seen = []
-
-    class Spy(torch.optim.AdamW):
-        def step(self, closure=None):
-            seen.append([g["lr"] for g in self.param_groups])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    seen = record_group_lrs(monkeypatch)
     res = train(_lora_bert(), toy_classification(16), None,
                 _quiet(lr=0.01, batch_size=4, max_steps=5, warmup=2, schedule="cosine", loraplus_ratio=8))
     expected = [0.01 * lr_factor(s, 5, 2, "cosine") for s in range(5)]

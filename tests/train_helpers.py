@@ -12,6 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 100
 
 
+def record_group_lrs(monkeypatch) -> list[list[float]]:
+    """Make ``torch.optim.AdamW`` record every param group's lr at each step; returns the (growing) record."""
+    seen: list[list[float]] = []
+
+    class Spy(torch.optim.AdamW):
+        def step(self, closure=None):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    return seen
+
+
 def tiny_bert(seed: int = 0, dropout: float = 0.0) -> T.BertForSequenceClassification:
     """A 2-layer, 32-wide BERT classifier (fresh weights from ``seed``)."""
     torch.manual_seed(seed)
