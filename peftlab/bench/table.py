@@ -198,7 +198,9 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
         optimizer = torch.optim.AdamW(param_groups(model, 0.01)[0], lr=1e-5)
 
         def step(model=model, optimizer=optimizer):
-            model(**batch).loss.backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):  # as train() runs it
+                loss = model(**batch).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[method] = step
