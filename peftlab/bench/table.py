@@ -184,6 +184,7 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
     from peftlab.data import PadCollator, tokenize_classification
     from peftlab.methods import MethodHParams, MethodUnavailable, prepare
     from peftlab.train import param_groups
+    from peftlab.bench.timing import autocast, interleaved_times
 
     train_ds, _ = _setup(s, s.seeds[0])
     device = torch.device(s.device)
@@ -198,7 +199,7 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
         optimizer = torch.optim.AdamW(param_groups(model, 0.01)[0], lr=1e-5)
 
         def step(model=model, optimizer=optimizer):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):  # as train() runs it
+            with autocast(device.type, s.bf16):  # as train() runs it
                 loss = model(**batch).loss
             loss.backward()
             optimizer.step()
@@ -207,7 +208,6 @@ def time_steps(methods: tuple[str, ...], s: BenchSettings) -> dict[str, dict[str
     tokens = tokenize_classification(train_ds, tok, s.max_length)
     batch = PadCollator(tok)([tokens[i] for i in range(min(s.batch_size, len(tokens)))])
     batch = {k: v.to(device) for k, v in batch.items()}
-    from peftlab.bench.timing import interleaved_times
 
     times = interleaved_times(steps, rounds=s.timing_rounds, warmup=2, device=device.type)
     return times["wall"] if device.type == "cuda" else times["cpu"]
