@@ -27,7 +27,7 @@ from .tree import adapter_layers, flag_new_modules, replace_module
 from .wrappers import is_saved_copy
 
 __all__ = [
-    "inject", "explain", "count_parameters", "merge", "unmerge", "unload", "set_active",
+    "inject", "check_adapter_name", "explain", "count_parameters", "merge", "unmerge", "unload", "set_active",
     "disabled", "delete", "configs", "active_adapter", "ExplainReport", "ExplainRow", "ParameterCount",
 ]
 
@@ -41,6 +41,21 @@ def _require_unmerged(model: nn.Module, action: str) -> None:
         raise RuntimeError(f"cannot {action} while LoRA weights are merged: call peftlab.unmerge(model) first")
 
 
+def check_adapter_name(name) -> None:
+    """Raise ``ValueError`` unless ``name`` can key an adapter in every ``nn.ModuleDict`` a method keeps.
+
+    Adapters live in ``nn.ModuleDict``s keyed by name (``lora_A[name]``, the trainable copies, the
+    prefix banks); ``add_module`` refuses a dotted key and any key that is already an attribute of
+    the dict (``"forward"``, ``"double"``, ``"keys"``, ...), and that refusal would come after some
+    layers had been wrapped. Checking here keeps a failed ``inject`` from changing anything.
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}: e.g. 'default'")
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} is an attribute of torch's nn.ModuleDict, which keeps the adapters, "
+                         f"so it cannot be a key there: pick another name, e.g. {name + '_adapter'!r}")
+
+
 def inject(model: nn.Module, config, name: str = "default") -> nn.Module:
     """Add adapter ``name`` described by ``config`` to ``model`` in place and return ``model``.
 
@@ -50,8 +65,7 @@ def inject(model: nn.Module, config, name: str = "default") -> nn.Module:
     before the model is touched, so a failed call leaves it unchanged.
     """
     hooks = hooks_for(config)
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}: e.g. 'default'")
+    check_adapter_name(name)
     if name in configs(model):
         raise ValueError(
             f"an adapter named {name!r} is already injected: pick another name or call peftlab.delete(model, {name!r})"

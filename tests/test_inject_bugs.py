@@ -243,3 +243,19 @@ def test_layer_unmerge_restores_after_several_merges_and_moves_with_the_layer():
     layer.unmerge()
     assert layer.base_layer.weight.dtype == torch.float32
     assert torch.equal(layer.base_layer.weight, w0.float())
+
+
+# -- adapter names that torch's nn.ModuleDict cannot hold as keys -------------------------------
+@pytest.mark.parametrize("kind", ["lora", "prefix", "adapter"])
+@pytest.mark.parametrize("name", ["double", "forward", "keys", "training"])
+def test_module_attribute_names_are_refused_before_any_change(kind, name):
+    """An adapter named like an nn.Module attribute made add_module raise after some layers were wrapped."""
+    model = tiny("bert")
+    config = (LoRAConfig(r=4, alpha=8, target_modules=("query", "value"), modules_to_save=("classifier",))
+              if kind == "lora" else _other_method(kind))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"{name!r} is an attribute of torch's nn.ModuleDict.*pick another name"):
+        inject(model, config, name=name)
+    assert_unchanged(model, before)
+    inject(model, config, name=f"{name}_adapter")  # the suggested name works
+    assert f"{name}_adapter" in model.peftlab_configs
