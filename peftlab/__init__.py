@@ -11,6 +11,9 @@ from peftlab import data, hub, runtime
 # the methods' own modules, reachable as peftlab.lora, peftlab.prefix, ... (registration does not
 # depend on these imports: peftlab.registry finds each method's record when it is first needed)
 from peftlab import adapters, ia3, lora, prefix, prompt
+# serving many adapters at once, and the instruction-tuning capstone (notebooks 11 and 13)
+from peftlab import chat, serving
+from peftlab.arithmetic import add_weighted_adapter
 from peftlab.config import AdapterConfig, LoRAConfig, PrefixConfig, PromptTuningConfig
 from peftlab.ia3 import IA3Config
 from peftlab.data import load_e2e, load_sentiment
@@ -48,6 +51,10 @@ __all__ = [
     "set_active",
     "unload",
     "unmerge",
+    # many adapters: mixed batches and hot-swap, weighted combinations; chat data for decoders
+    "add_weighted_adapter",
+    "chat",
+    "serving",
     # training
     "TrainConfig",
     "train",

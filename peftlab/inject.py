@@ -27,7 +27,7 @@ from .tree import adapter_layers, flag_new_modules, replace_module
 from .wrappers import is_saved_copy
 
 __all__ = [
-    "inject", "check_adapter_name", "explain", "count_parameters", "merge", "unmerge", "unload", "set_active",
+    "inject", "check_adapter_name", "BASE_ROWS", "explain", "count_parameters", "merge", "unmerge", "unload", "set_active",
     "disabled", "delete", "configs", "active_adapter", "ExplainReport", "ExplainRow", "ParameterCount",
 ]
 
@@ -41,6 +41,9 @@ def _require_unmerged(model: nn.Module, action: str) -> None:
         raise RuntimeError(f"cannot {action} while LoRA weights are merged: call peftlab.unmerge(model) first")
 
 
+BASE_ROWS = "__base__"  # peftlab.serving.BASE: a mixed batch's rows that get no adapter; no adapter may be called so
+
+
 def check_adapter_name(name) -> None:
     """Raise ``ValueError`` unless ``name`` can key an adapter in every ``nn.ModuleDict`` a method keeps.
 
@@ -51,6 +54,9 @@ def check_adapter_name(name) -> None:
     """
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}: e.g. 'default'")
+    if name == BASE_ROWS:
+        raise ValueError(f"adapter name {name!r} is reserved: in a mixed batch (peftlab.serving) it names the rows "
+                         "that run the base model alone; pick another name")
     if hasattr(nn.ModuleDict(), name):
         raise ValueError(f"adapter name {name!r} is an attribute of torch's nn.ModuleDict, which keeps the adapters, "
                          f"so it cannot be a key there: pick another name, e.g. {name + '_adapter'!r}")

@@ -102,6 +102,10 @@ class LoRALinear(AdapterLayer):
     exact inverse), so its ``unmerge`` is bit-exact in every dtype.
     """
 
+    # per-row adapter choice of a mixed batch (a ``peftlab.serving.RowRoute``), set only inside
+    # ``peftlab.serving.adapter_rows``; None: the usual ``active`` adapters apply to every row
+    row_route = None
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         if not is_supported(base_layer):
@@ -284,6 +288,8 @@ class LoRALinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out) = base(x) + sum over active, unmerged adapters of s * B(A(dropout(x)))
         (DoRA adapters add :meth:`_dora_delta` instead)."""
+        if self.row_route is not None:  # a mixed batch (peftlab.serving): each row its own adapter
+            return self._routed_forward(x)
         if self.disabled and self.merged:
             raise RuntimeError(f"adapters {self.merged} are merged, so they cannot be disabled: call unmerge() first")
         result = base_out = self.base_layer(x)  # (..., out)
@@ -313,6 +319,37 @@ class LoRALinear(AdapterLayer):
                 result = flat.view(result.shape).to(result.dtype)  # (N, out) -> (..., out)
             else:  # e.g. fp16 base with fp32 adapter outside autocast
                 result = result + (F.linear(xa, b_w) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (n, ..., in) -> (n, ..., out): the base layer once on all n rows, then each adapter's
+        branch on its own rows only (``row_route.groups``: name -> row indices), written back in place.
+
+        Rows of adapters this layer does not hold (``peftlab.serving.BASE``, or an adapter that
+        targets other modules) get the base output alone.  Notebook 11 explains it.
+        """
+        route = self.row_route
+        route.check(x.shape[0], self)
+        result = self.base_layer(x)  # (n, ..., out); each group's rows are overwritten in place below
+        for name, idx in route.groups.items():  # disjoint groups: a group's rows still hold the plain base output
+            if name not in self.lora_A:
+                continue
+            a_w = self.lora_A[name].weight  # (r, in)
+            b_w = self.lora_B[name].weight  # (out, r)
+            h = x.index_select(0, idx)  # (n_name, ..., in)
+            h = h if h.dtype == a_w.dtype else h.to(a_w.dtype)
+            rows = result.index_select(0, idx)  # (n_name, ..., out)
+            if name in self.lora_magnitude_vector:
+                rows = rows + self._dora_delta(name, h, rows).to(rows.dtype)
+            elif rows.dtype == b_w.dtype or torch.is_autocast_enabled(x.device.type):
+                xa = F.linear(h, a_w)  # (n_name, ..., r)
+                # the same fused "rows + s * xa @ B^T" as the one-adapter path, so a row gets the same rounding
+                flat = torch.addmm(rows.reshape(-1, self.out_features), xa.reshape(-1, xa.shape[-1]), b_w.T,
+                                   alpha=self.scaling[name])  # (N_name, out)
+                rows = flat.view(rows.shape).to(rows.dtype)
+            else:
+                rows = rows + (F.linear(F.linear(h, a_w), b_w) * self.scaling[name]).to(rows.dtype)
+            result.index_copy_(0, idx, rows)
         return result
 
     def _dora_delta(self, name: str, h: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,13 @@ def adapter_dtype(reference: torch.Tensor) -> torch.dtype:
 class ModulesToSaveWrapper(AdapterLayer):
     """Route calls to the active adapter's trainable copy, else to the original.
 
-    Same call signature and output as the wrapped module.
+    Same call signature and output as the wrapped module.  Inside ``peftlab.serving.adapter_rows``
+    (``row_route`` set) row i of the batch goes to the copy of adapter ``names[i]`` instead, or to
+    the original when this wrapper holds no copy of that name (notebook 11).
     """
+
+    # per-row adapter choice of a mixed batch (a ``peftlab.serving.RowRoute``); None: ``active`` for all rows
+    row_route = None
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -86,7 +91,34 @@ class ModulesToSaveWrapper(AdapterLayer):
         return self.modules_to_save[self.active]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.row_route is not None:
+            return self._routed_forward(args, kwargs)
         return self.current(*args, **kwargs)
+
+    def _routed_forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The original on all n rows, then each held copy on its own rows, written over them.
+
+        Every tensor argument whose leading dimension is n is split by rows; the output must be
+        one tensor (n, ...), as a classification head's is.
+        """
+        route = self.row_route
+        n = next((a.shape[0] for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim()), None)
+        route.check(n, self)
+        out = self.original_module(*args, **kwargs)  # (n, ...)
+        if not torch.is_tensor(out):
+            raise TypeError(f"a mixed batch needs modules_to_save modules that return one tensor, but "
+                            f"{type(self.original_module).__name__} returned {type(out).__name__}")
+
+        def pick(a: Any, idx: torch.Tensor) -> Any:  # the rows idx of a per-row tensor argument
+            return a.index_select(0, idx) if torch.is_tensor(a) and a.dim() and a.shape[0] == n else a
+
+        for name, idx in route.groups.items():
+            if name not in self.modules_to_save:
+                continue
+            twin = self.modules_to_save[name]
+            rows = twin(*(pick(a, idx) for a in args), **{k: pick(v, idx) for k, v in kwargs.items()})
+            out = out.index_copy(0, idx, rows.to(out.dtype))  # (n, ...): rows idx replaced
+        return out
 
     def __getattr__(self, name: str) -> Any:
         # let code that reads e.g. ``model.classifier.weight`` or ``.out_features`` keep working

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from peftlab import exercises, seed
+from peftlab import exercises, exercises_chat, exercises_merging, exercises_serving, seed
 
 
 # -- worked solutions (what a teacher shows after the exercise) --------------------------------
@@ -504,7 +504,9 @@ import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-VALUE_CHECKS = {"check_value", "check_attention_share"}  # the student types a number; every other check runs code
+# the student types a number or names an option; every other check runs the student's code
+VALUE_CHECKS = {"check_value", "check_attention_share", "check_serving_memory", "check_target_choice"}
+CHECK_CALL = r"exercises(?:_\w+)?\.(check_\w+)\("  # peftlab.exercises or a later notebook's exercises_<topic>
 
 
 def _exercises(path: Path) -> list[tuple[str, list[str]]]:
@@ -516,7 +518,7 @@ def _exercises(path: Path) -> list[tuple[str, list[str]]]:
             for heading in re.findall(r"(?:\*\*|### )(Exercise \d+[^*\n]*)", text):
                 found.append((heading, []))
         elif found:
-            found[-1][1].extend(re.findall(r"exercises\.(check_\w+)\(", text))
+            found[-1][1].extend(re.findall(CHECK_CALL, text))
     return found
 
 
@@ -535,6 +537,9 @@ def test_every_checker_and_stored_answer_is_used_by_a_notebook():
     text = "".join(path.read_text() for path in NOTEBOOKS)
     checkers = [name for name in exercises.__all__ if name.startswith("check_")]
     assert [c for c in checkers if f"exercises.{c}(" not in text] == []
+    called = set(re.findall(CHECK_CALL, text))
+    for module in (exercises_chat, exercises_merging, exercises_serving):
+        assert [c for c in dir(module) if c.startswith("check_") and c not in called] == [], module.__name__
     assert [key for key in exercises._answers() if f'\\"{key}\\"' not in text] == []
 
 
@@ -542,6 +547,6 @@ def test_no_check_cell_computes_its_own_answer():
     for path in NOTEBOOKS:
         for cell in json.loads(path.read_text())["cells"]:
             text = "".join(cell["source"])
-            if cell["cell_type"] == "code" and "exercises.check_" in text:
+            if cell["cell_type"] == "code" and re.search(CHECK_CALL, text):
                 body = re.sub(r'"[^"]*"', '""', text.replace("from peftlab import exercises\n", ""))  # keys are names
                 assert not re.search(r"expected|==|unified\.|lowrank\.|\d{3,}", body), (path.name, text)

@@ -259,3 +259,13 @@ def test_module_attribute_names_are_refused_before_any_change(kind, name):
     assert_unchanged(model, before)
     inject(model, config, name=f"{name}_adapter")  # the suggested name works
     assert f"{name}_adapter" in model.peftlab_configs
+
+
+def test_the_base_rows_name_of_mixed_batches_is_reserved():
+    from peftlab import serving
+
+    model = tiny("bert")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        inject(model, LoRAConfig(r=4, alpha=8, target_modules=("query",)), name=serving.BASE)
+    assert_unchanged(model, before)

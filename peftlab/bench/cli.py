@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m peftlab.bench lora|speed|e2e [options]`` (see each mode's module).
+"""Benchmarks: ``python -m peftlab.bench lora|speed|e2e|mixed [options]`` (see each mode's module).
 
 * ``lora [--device cuda] [--bf16] [--random-init] [--json PATH]``: the LoRA micro-benchmark
   (``peftlab.bench.lora``, explained in notebooks/03_lora.ipynb);
@@ -8,6 +8,10 @@
   [--reuse PATH]``: prefix-tuning (text or random start), prompt tuning, LoRA and QLoRA (``qlora``:
   LoRA over the NF4 base) on SmolLM2 / E2E at one budget, scored by BLEU, with training curves,
   time and peak memory (``peftlab.bench.e2e``, notebooks/04_prefix_tuning.ipynb);
+* ``mixed [--quick] [--json PATH]``: serving k = 1, 4, 16 LoRA adapters from one model in a mixed
+  batch vs each adapter's rows separately vs k merged copies, MiniLM classification and SmolLM2
+  generation, rows/s and memory (``peftlab.bench.mixed``, notebooks/11_serving_many_adapters.ipynb);
+  the full run writes data/results/mixed.json and .md;
 * ``_mem KIND``: internal, the fresh process in which ``lora`` measures one configuration's
   CPU memory.
 
@@ -27,9 +31,9 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftlab.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("which", choices=["lora", "speed", "e2e", "_mem"], help="benchmark to run")
+    parser.add_argument("which", choices=["lora", "speed", "e2e", "mixed", "_mem"], help="benchmark to run")
     parser.add_argument("--rounds", type=int, default=1, help="speed: rounds of the A B / B A order")
-    parser.add_argument("--quick", action="store_true", help="speed, e2e: a small subset (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="speed, e2e, mixed: a small subset (a smoke test)")
     parser.add_argument("--seeds", default="0,1,2", help="e2e: comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--methods", default="prefix,prefix-random,prompt,lora",
                         help="e2e: comma-separated, from prefix, prefix-random, prompt, lora, qlora")
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(memory_child(args.kind, args.batch, args.seq, 3, args.random_init)))
         return 0
+    if args.which == "mixed":
+        from peftlab.bench.mixed import main as mixed_main
+
+        return mixed_main(args.quick, args.json)
     if args.which == "speed":
         from peftlab.bench.speed import bench_speed, format_speed
 
