@@ -1,6 +1,7 @@
 """peftlab.chat (notebook 13): assistant-only masks, role checks, padding, replies, export, exercises."""
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -332,3 +333,27 @@ def test_export_on_real_smollm2(tmp_path):
     # folding rounds in float32: ~1e-4 on logits of size ~40 after real training
     assert out["merged_max_diff"] <= 1e-5 * out["logit_scale"] and out["reload_max_diff"] == 0
     assert out["peft_max_diff"] <= 1e-4
+
+
+def test_bench_chat_tables_override_reaches_every_run(monkeypatch):
+    """--tables changes only how many test tables are scored, for every seed, and is recorded in the settings."""
+    from peftlab import chat
+    from peftlab.bench import chat as chatbench
+
+    seen = []
+
+    def fake_run(plan, log=print):
+        seen.append(plan)
+        return {"seed": plan.seed, "before": {"bleu": 1.0, "rouge_l": 0.1, "replies": []},
+                "after": {"bleu": 50.0 + plan.seed, "rouge_l": 0.6, "replies": ["x"]}, "wall_s": 1.0}
+
+    monkeypatch.setattr(chat, "run_recipe", fake_run)
+    result = chatbench.bench_chat((0, 1), tables=7, log=lambda *a: None)
+    assert [p.eval_tables for p in seen] == [7, 7] and [p.seed for p in seen] == [0, 1]
+    assert all(dataclasses.replace(p, eval_tables=chat.CLASS_RECIPE.eval_tables, seed=0) == chat.CLASS_RECIPE
+               for p in seen)  # nothing else changed
+    assert result["settings"]["eval_tables"] == 7 and result["summary"]["bleu_after_spread"] == 1.0
+    with pytest.raises(ValueError, match="tables must be a positive number"):
+        chatbench.bench_chat((0,), tables=0)
+    with pytest.raises(SystemExit):
+        chatbench.main(["--tables", "0"])
