@@ -118,8 +118,10 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The reduced-precision dtype to autocast to on ``device``, or None for plain fp32.
 
     bf16 on CUDA devices that support it (Ampere and newer), else fp16 on CUDA;
-    on the CPU and MPS the course trains in fp32 by default (bf16 autocast on the CPU is
-    available in ``peftlab.train`` on request, but is slower than fp32 on most CPUs).
+    on the CPU and MPS the course trains in fp32 by default. bf16 autocast on the CPU is
+    available on request (``TrainConfig(precision="bf16")``, ``peftlab bench --bf16``): about 2x
+    faster than fp32 on CPUs with native bf16 (AVX512-BF16 / AMX, as the course's machines:
+    README, "The whole table in 30 minutes"), slower than fp32 on CPUs without it.
     """
     device = torch.device(device)
     if device.type == "cuda":
