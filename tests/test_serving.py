@@ -62,6 +62,19 @@ def _alone(model, name, **batch):
     return out
 
 
+def _generate_alone(model, name, **kw):
+    """Greedy ``generate`` of adapter ``name`` alone (BASE: the base model) on the whole batch."""
+    before = active_adapter(model)
+    if name == BASE:
+        with disabled(model):
+            out = model.generate(**kw, do_sample=False)
+    else:
+        set_active(model, name)
+        out = model.generate(**kw, do_sample=False)
+    set_active(model, before)
+    return out
+
+
 def _no_route_left(model):
     assert all(m.row_route is None for m in model.modules() if isinstance(m, (LoRALinear, ModulesToSaveWrapper)))
 
@@ -95,14 +108,8 @@ def test_mixed_generate_matches_each_adapter_alone():
     got = serving.generate(model, NAMES, **kw)
     _no_route_left(model)
     for n in set(NAMES):
-        if n == BASE:
-            with disabled(model):
-                want = model.generate(**kw, do_sample=False)
-        else:
-            set_active(model, n)
-            want = model.generate(**kw, do_sample=False)
         rows = [i for i, m in enumerate(NAMES) if m == n]
-        assert torch.equal(got[rows], want[rows]), n
+        assert torch.equal(got[rows], _generate_alone(model, n, **kw)[rows]), n
     set_active(model, "one")
     one = model.generate(**kw, do_sample=False)
     assert not torch.equal(one, got)  # the adapters' greedy outputs do differ
@@ -349,14 +356,10 @@ def test_minilm_mixed_classification_with_heads(minilm):
 def test_smollm2_mixed_generate(smollm2):
     base, tok = smollm2
     model = copy.deepcopy(base).eval()
-    g = torch.Generator().manual_seed(0)
     adapters = ["chef", "pirate", "poet"]
     for n in adapters:
         inject(model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj", "o_proj")), name=n)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if ".lora_B." in pname:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    randomize_lora_b(model, seed=0, scale=0.15)  # large enough that greedy outputs differ
     prompts = ["Once upon a time,", "My favourite food is"]
     names = [n for _ in prompts for n in (*adapters, BASE)]  # each prompt under every adapter and the base
     texts = [p for p in prompts for _ in range(4)]
@@ -365,13 +368,7 @@ def test_smollm2_mixed_generate(smollm2):
     got = serving.generate(model, names, **kw)
     for n in (*adapters, BASE):
         rows = [i for i, m in enumerate(names) if m == n]
-        if n == BASE:
-            with disabled(model):
-                want = model.generate(**kw, do_sample=False)
-        else:
-            set_active(model, n)
-            want = model.generate(**kw, do_sample=False)
-        assert torch.equal(got[rows], want[rows]), n
+        assert torch.equal(got[rows], _generate_alone(model, n, **kw)[rows]), n
     new = got[:, batch["input_ids"].shape[1]:]
     for p in range(len(prompts)):  # sanity: four different continuations of the same prompt
         outs = {tuple(new[4 * p + j].tolist()) for j in range(4)}

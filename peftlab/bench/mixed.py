@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import resource
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +41,8 @@ from torch import nn
 from peftlab.bench.timing import interleaved_times
 from peftlab.config import LoRAConfig
 from peftlab.inject import inject, set_active, unload
+from peftlab.metrics import peak_rss_bytes
+from peftlab.runtime import physical_cores
 from peftlab.serving import adapter_bytes, adapter_rows, model_bytes
 
 __all__ = ["bench_mixed", "measure", "add_adapters", "format_mixed", "default_path", "FULL", "QUICK"]
@@ -61,21 +60,9 @@ QUICK = {"classify": dict(rows=8, seq=16, ks=(1, 4), rounds=2),
 
 def default_path() -> Path:
     """Where the full run writes its JSON (and the table beside it as .md)."""
-    return Path(__file__).resolve().parents[2] / "data" / "results" / "mixed.json"
+    from peftlab.data import data_dir
 
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:  # pragma: no cover - psutil is a dependency of the course environment
-        return os.cpu_count() or 1
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+    return data_dir() / "results" / "mixed.json"
 
 
 def add_adapters(model: nn.Module, k: int, targets: tuple[str, ...], r: int = 8, std: float = 0.05,
@@ -201,7 +188,7 @@ def _generate_setup(quick: bool):
 def bench_mixed(quick: bool = False) -> dict:
     """Both workloads (MiniLM classification, SmolLM2 greedy generation), every k; see the module docstring."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(_physical_cores())
+    torch.set_num_threads(physical_cores())
     try:
         out = {"quick": quick, "threads": torch.get_num_threads(), "torch": torch.__version__, "workloads": {}}
         for kind, setup in (("classify", _classify_setup), ("generate", _generate_setup)):
@@ -210,7 +197,7 @@ def bench_mixed(quick: bool = False) -> dict:
                             pad_token_id=pad)
             out["workloads"][kind] = {"model": "minilm" if kind == "classify" else "smollm2",
                                       "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-                                      "targets": list(targets), "cases": cases, "peak_rss_mb": _peak_rss_mb()}
+                                      "targets": list(targets), "cases": cases, "peak_rss_mb": peak_rss_bytes() / 2**20}
         return out
     finally:
         torch.set_num_threads(threads)
