@@ -296,30 +296,33 @@ class LoRALinear(AdapterLayer):
         if self.disabled or not self.active:
             return result
         for name in sorted(self.active) if len(self.active) > 1 else self.active:
-            if name in self.merged:
-                continue
-            a_w = self.lora_A[name].weight  # (r, in)
-            b_w = self.lora_B[name].weight  # (out, r)
-            h = x if x.dtype == a_w.dtype else x.to(a_w.dtype)  # low-precision base, fp32 adapter
-            if name in self.lora_magnitude_vector:
-                result = result + self._dora_delta(name, h, base_out).to(result.dtype)
-                continue
-            drop = self.lora_dropout[name]
-            if not isinstance(drop, nn.Identity):
-                h = drop(h)
-            xa = F.linear(h, a_w)  # (..., in) -> (..., r)
-            if result.dtype == b_w.dtype or torch.is_autocast_enabled(x.device.type):
-                # one fused kernel for "result + s * xa @ B^T" instead of matmul, scale and add
-                flat = torch.addmm(
-                    result.reshape(-1, self.out_features),  # (N, out), N = prod of leading dims
-                    xa.reshape(-1, xa.shape[-1]),  # (N, r)
-                    b_w.T,  # (r, out)
-                    alpha=self.scaling[name],
-                )
-                result = flat.view(result.shape).to(result.dtype)  # (N, out) -> (..., out)
-            else:  # e.g. fp16 base with fp32 adapter outside autocast
-                result = result + (F.linear(xa, b_w) * self.scaling[name]).to(result.dtype)
+            if name not in self.merged:
+                result = self._add_branch(name, x, result, base_out)
         return result
+
+    def _add_branch(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``result`` (..., out) plus adapter ``name``'s branch on ``x`` (..., in): s * B(A(dropout(x))),
+        or DoRA's :meth:`_dora_delta` (``base_out``: the base layer's output for these rows)."""
+        a_w = self.lora_A[name].weight  # (r, in)
+        b_w = self.lora_B[name].weight  # (out, r)
+        h = x if x.dtype == a_w.dtype else x.to(a_w.dtype)  # low-precision base, fp32 adapter
+        if name in self.lora_magnitude_vector:
+            return result + self._dora_delta(name, h, base_out).to(result.dtype)
+        drop = self.lora_dropout[name]
+        if not isinstance(drop, nn.Identity):
+            h = drop(h)
+        xa = F.linear(h, a_w)  # (..., in) -> (..., r)
+        if result.dtype == b_w.dtype or torch.is_autocast_enabled(x.device.type):
+            # one fused kernel for "result + s * xa @ B^T" instead of matmul, scale and add
+            flat = torch.addmm(
+                result.reshape(-1, self.out_features),  # (N, out), N = prod of leading dims
+                xa.reshape(-1, xa.shape[-1]),  # (N, r)
+                b_w.T,  # (r, out)
+                alpha=self.scaling[name],
+            )
+            return flat.view(result.shape).to(result.dtype)  # (N, out) -> (..., out)
+        # e.g. fp16 base with fp32 adapter outside autocast
+        return result + (F.linear(xa, b_w) * self.scaling[name]).to(result.dtype)
 
     def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (n, ..., in) -> (n, ..., out): the base layer once on all n rows, then each adapter's
@@ -334,21 +337,9 @@ class LoRALinear(AdapterLayer):
         for name, idx in route.groups.items():  # disjoint groups: a group's rows still hold the plain base output
             if name not in self.lora_A:
                 continue
-            a_w = self.lora_A[name].weight  # (r, in)
-            b_w = self.lora_B[name].weight  # (out, r)
-            h = x.index_select(0, idx)  # (n_name, ..., in)
-            h = h if h.dtype == a_w.dtype else h.to(a_w.dtype)
-            rows = result.index_select(0, idx)  # (n_name, ..., out)
-            if name in self.lora_magnitude_vector:
-                rows = rows + self._dora_delta(name, h, rows).to(rows.dtype)
-            elif rows.dtype == b_w.dtype or torch.is_autocast_enabled(x.device.type):
-                xa = F.linear(h, a_w)  # (n_name, ..., r)
-                # the same fused "rows + s * xa @ B^T" as the one-adapter path, so a row gets the same rounding
-                flat = torch.addmm(rows.reshape(-1, self.out_features), xa.reshape(-1, xa.shape[-1]), b_w.T,
-                                   alpha=self.scaling[name])  # (N_name, out)
-                rows = flat.view(rows.shape).to(rows.dtype)
-            else:
-                rows = rows + (F.linear(F.linear(h, a_w), b_w) * self.scaling[name]).to(rows.dtype)
+            rows = result.index_select(0, idx)  # (n_name, ..., out): the base output of its rows
+            # the same fused kernel as the one-adapter path, so a row gets the same rounding
+            rows = self._add_branch(name, x.index_select(0, idx), rows, rows)
             result.index_copy_(0, idx, rows)
         return result
 
